@@ -1,0 +1,5 @@
+import sys
+
+from featurelens.cli import main
+
+sys.exit(main())

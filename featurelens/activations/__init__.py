@@ -1,0 +1,1 @@
+"""Activation harvesting and the on-disk activation store."""

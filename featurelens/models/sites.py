@@ -1,0 +1,185 @@
+"""TransformerLens-style site names resolved onto Hugging Face modules by one small map per family.
+
+Supported site kinds (``L`` is a block index):
+
+=========================  =================================================================
+``blocks.L.hook_resid_pre``   the residual stream entering block ``L`` (input of the block)
+``blocks.L.hook_resid_post``  the residual stream leaving block ``L`` (output of the block)
+``blocks.L.hook_attn_out``    what attention writes into the residual stream
+``blocks.L.hook_mlp_out``     what the MLP writes into the residual stream
+``blocks.L.mlp.hook_post``    the MLP's hidden neurons (input of its down/out projection)
+=========================  =================================================================
+
+For families with norms after attention/MLP (Gemma 2/3), ``hook_attn_out`` and ``hook_mlp_out`` are
+taken after those norms, i.e. exactly what is added to the residual stream, as TransformerLens does;
+so ``resid_post == resid_pre + attn_out + mlp_out`` holds for every family here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn as nn
+
+from featurelens.errors import FeatureLensError
+
+SITE_KINDS: tuple[str, ...] = (
+    "hook_resid_pre",
+    "hook_attn_out",
+    "mlp.hook_post",
+    "hook_mlp_out",
+    "hook_resid_post",
+)
+"""Site kinds in the order the forward pass produces them inside one block."""
+
+_SITE_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|mlp\.hook_post)$")
+SITE_PATTERN = "blocks.{L}.{hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|mlp.hook_post}"
+
+
+@dataclass(frozen=True)
+class FamilyMap:
+    """Where one architecture family keeps the modules that sites hook (dotted attribute paths)."""
+
+    model_types: tuple[str, ...]
+    """``config.model_type`` values this map serves."""
+    layers: str
+    """Path from the causal-LM object to the ``ModuleList`` of blocks."""
+    attn_out: str
+    """Path inside a block to the module whose output is attention's write to the residual stream."""
+    mlp_out: str
+    """Path inside a block to the module whose output is the MLP's write to the residual stream."""
+    mlp_post: str
+    """Path inside a block to the module whose *input* is the MLP's hidden activation."""
+    d_mlp_attrs: tuple[str, ...] = ("intermediate_size",)
+    """Config attributes to try, in order, for the MLP hidden width."""
+
+
+_LLAMA_LIKE = FamilyMap(
+    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "olmo2"),
+    layers="model.layers",
+    attn_out="self_attn",
+    mlp_out="mlp",
+    mlp_post="mlp.down_proj",
+)
+_GEMMA_POSTNORM = FamilyMap(
+    model_types=("gemma2", "gemma3_text", "gemma3"),
+    layers="model.layers",
+    attn_out="post_attention_layernorm",
+    mlp_out="post_feedforward_layernorm",
+    mlp_post="mlp.down_proj",
+)
+_GPT2 = FamilyMap(
+    model_types=("gpt2",),
+    layers="transformer.h",
+    attn_out="attn",
+    mlp_out="mlp",
+    mlp_post="mlp.c_proj",
+    d_mlp_attrs=("n_inner",),
+)
+_NEOX = FamilyMap(
+    model_types=("gpt_neox",),
+    layers="gpt_neox.layers",
+    attn_out="attention",
+    mlp_out="mlp",
+    mlp_post="mlp.dense_4h_to_h",
+)
+
+FAMILIES: tuple[FamilyMap, ...] = (_LLAMA_LIKE, _GEMMA_POSTNORM, _GPT2, _NEOX)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One hook point: a block index and a site kind."""
+
+    layer: int
+    kind: str
+
+    @property
+    def name(self) -> str:
+        return f"blocks.{self.layer}.{self.kind}"
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Position of this site in the forward pass (for early exit)."""
+        return (self.layer, SITE_KINDS.index(self.kind))
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def parse_site(name: str, n_layers: int | None = None) -> Site:
+    """Parse ``blocks.L.kind``; a bad name is a one-line error giving the valid pattern."""
+    m = _SITE_RE.match(name.strip())
+    if not m:
+        raise FeatureLensError(f"unknown site {name!r}: expected {SITE_PATTERN}")
+    layer = int(m.group(1))
+    if n_layers is not None and not 0 <= layer < n_layers:
+        raise FeatureLensError(f"site {name!r} is out of range: this model has blocks 0..{n_layers - 1}")
+    return Site(layer, m.group(2))
+
+
+def _get(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _text_config(model: nn.Module) -> Any:
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+class SiteMap:
+    """Resolves site names on one loaded model to (module, where) pairs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        cfg = _text_config(model)
+        model_type = getattr(cfg, "model_type", None)
+        fam = next((f for f in FAMILIES if model_type in f.model_types), None)
+        if fam is None:
+            supported = sorted(t for f in FAMILIES for t in f.model_types)
+            raise FeatureLensError(
+                f"model type {model_type!r} has no site map: supported types are {', '.join(supported)}"
+            )
+        self.family = fam
+        self.model = model
+        self.blocks: nn.ModuleList = _get(model, fam.layers)
+        self.n_layers = len(self.blocks)
+        self.d_model = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
+        d_mlp = next((getattr(cfg, a) for a in fam.d_mlp_attrs if getattr(cfg, a, None)), None)
+        self.d_mlp = int(d_mlp) if d_mlp else 4 * self.d_model
+
+    def parse(self, name: str) -> Site:
+        return parse_site(name, self.n_layers)
+
+    def dim(self, site: Site) -> int:
+        """Width of the activation at a site."""
+        return self.d_mlp if site.kind == "mlp.hook_post" else self.d_model
+
+    def module(self, site: Site) -> tuple[nn.Module, str]:
+        """The module to hook and how: ``"pre"`` (its input) or ``"out"`` (its output)."""
+        block = self.blocks[site.layer]
+        if site.kind == "hook_resid_pre":
+            return block, "pre"
+        if site.kind == "hook_resid_post":
+            return block, "out"
+        if site.kind == "hook_attn_out":
+            return _get(block, self.family.attn_out), "out"
+        if site.kind == "hook_mlp_out":
+            return _get(block, self.family.mlp_out), "out"
+        return _get(block, self.family.mlp_post), "pre"
+
+    def names(self) -> list[str]:
+        return [f"blocks.{layer}.{k}" for layer in range(self.n_layers) for k in SITE_KINDS]
+
+
+def site_map(model: nn.Module) -> SiteMap:
+    return SiteMap(model)
+
+
+def list_sites(model: nn.Module) -> list[tuple[str, int]]:
+    """Every site name on this model with its width."""
+    sm = SiteMap(model)
+    return [(n, sm.dim(sm.parse(n))) for n in sm.names()]

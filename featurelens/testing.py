@@ -1,0 +1,52 @@
+"""Tiny randomly initialised models of every supported family, built offline from configs.
+
+Used by the unit tests (and handy for users' own structural tests): no download, no tokenizer needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+TINY_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "phi3", "gemma2", "gemma3_text", "gpt2", "gpt_neox")
+
+
+def tiny_config(family: str, vocab_size: int = 128) -> Any:
+    """A small config (2-4 layers, d_model 64) for one family."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "llama":
+        return tf.LlamaConfig(num_key_value_heads=2, **common)
+    if family == "mistral":
+        return tf.MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
+    if family == "qwen2":
+        return tf.Qwen2Config(num_key_value_heads=2, **common)
+    if family == "phi3":
+        return tf.Phi3Config(num_key_value_heads=2, **common)
+    if family == "gemma2":
+        return tf.Gemma2Config(num_key_value_heads=2, head_dim=16, sliding_window=16, **common)
+    if family == "gemma3_text":
+        return tf.Gemma3TextConfig(num_key_value_heads=2, head_dim=16, sliding_window=16, **common)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=3, n_head=4, n_positions=256, n_inner=96,
+                             bos_token_id=1, eos_token_id=2)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                num_attention_heads=4, max_position_embeddings=256,
+                                bos_token_id=1, eos_token_id=2)
+    raise ValueError(f"unknown tiny family {family!r}: choose from {', '.join(TINY_FAMILIES)}")
+
+
+def tiny_model(family: str, seed: int = 0, vocab_size: int = 128) -> Any:
+    """A randomly initialised causal LM of one family, in eval mode and float32."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size), attn_implementation="eager")
+    model.eval()
+    model.requires_grad_(False)
+    return model
