@@ -13,13 +13,13 @@ import inspect
 import textwrap
 import types
 import typing
-from functools import lru_cache
+from functools import cache
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_docs(cls: type) -> dict[str, str]:
     """Map each field of a dataclass to the docstring written below it in the class body."""
     docs: dict[str, str] = {}

@@ -16,7 +16,7 @@ def tiny_config(family: str, vocab_size: int = 128) -> Any:
     """A small config (2-4 layers, d_model 64) for one family."""
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+    common: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=4, max_position_embeddings=256,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if family == "llama":
@@ -50,3 +50,33 @@ def tiny_model(family: str, seed: int = 0, vocab_size: int = 128) -> Any:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+class CharTokenizer:
+    """A dependency-free character tokenizer for tests: ids 0/1/2 are pad/BOS/EOS, text maps into 3..vocab-1."""
+
+    pad_token_id = 0
+    bos_token_id = 1
+    eos_token_id = 2
+
+    def __init__(self, vocab_size: int = 128) -> None:
+        self.vocab_size = vocab_size
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [0, 1, 2]
+
+    def get_vocab(self) -> dict[str, int]:
+        vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+        vocab.update({f"c{i}": i for i in range(3, self.vocab_size)})
+        return vocab
+
+    def encode(self, text: str) -> list[int]:
+        return [3 + ord(ch) % (self.vocab_size - 3) for ch in text]
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        ids = self.encode(text)
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join("?" if i < 3 else chr(i) for i in ids)

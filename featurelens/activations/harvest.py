@@ -132,8 +132,8 @@ def harvest(cfg: HarvestConfig, model: LoadedModel | None = None, contexts: Cont
     sites_req = cfg.site_list()
     if not sites_req:
         raise FeatureLensError("no sites given: pass --sites blocks.L.hook_resid_post[,...]")
-    for s in sites_req:  # check the pattern before paying for a model load
-        parse_site(s)
+    for name in sites_req:  # check the pattern before paying for a model load
+        parse_site(name)
     if model is None:
         model = load_model(cfg.model, dtype=cfg.model_dtype, device=cfg.device)
     smap = SiteMap(model.model)
@@ -210,8 +210,8 @@ def harvest(cfg: HarvestConfig, model: LoadedModel | None = None, contexts: Cont
                disable=not progress or rank != 0, dynamic_ncols=True, file=sys.stderr)
     t0 = time.perf_counter()
     with ActivationCapture(model.model, sites, early_exit=cfg.early_exit) as cap:
-        for s in mine:
-            c0, c1 = s * per_shard, min((s + 1) * per_shard, n_ctx)
+        for shard in mine:
+            c0, c1 = shard * per_shard, min((shard + 1) * per_shard, n_ctx)
             parts: dict[str, list[np.ndarray]] = {name: [] for name in site_dims}
             rows: list[np.ndarray] = []
             for b0 in range(c0, c1, cfg.batch_size):
@@ -226,7 +226,7 @@ def harvest(cfg: HarvestConfig, model: LoadedModel | None = None, contexts: Cont
                 rows.append(np.stack([ci + b0, pi, tokens_np[b0:b1][ci, pi]], axis=1).astype(np.int32))
                 bar.update(int(mask.sum()))
             writer.write_shard(
-                s,
+                shard,
                 {k: np.concatenate(v) for k, v in parts.items()},
                 np.concatenate(rows) if rows else np.zeros((0, 3), np.int32),
                 (c0, c1),

@@ -239,7 +239,7 @@ class ActivationStore:
     def sites(self) -> list[str]:
         return list(self.manifest["sites"])
 
-    def d(self, site: str) -> int:
+    def d(self, site: str | None = None) -> int:
         return int(self.manifest["sites"][self._site(site)])
 
     @property

@@ -127,7 +127,7 @@ def _get(obj: Any, path: str) -> Any:
 
 
 def _text_config(model: nn.Module) -> Any:
-    cfg = model.config
+    cfg: Any = getattr(model, "config")  # noqa: B009 - nn.Module.__getattr__ types this as Tensor
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 

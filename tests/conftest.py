@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featurelens.data.tokenize import Contexts
+from featurelens.models.loading import LoadedModel
+from featurelens.testing import CharTokenizer, tiny_model
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def random_contexts(n_ctx: int = 24, ctx_len: int = 16, vocab: int = 128, seed: int = 0) -> Contexts:
+    """Random token contexts starting with BOS (id 1), with a few EOS (id 2) separators inside."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab, size=(n_ctx, ctx_len)).astype(np.int32)
+    tokens[:, 0] = 1
+    tokens[rng.random((n_ctx, ctx_len)) < 0.03] = 2
+    tokens[:, 0] = 1
+    keep = ~np.isin(tokens, [0, 1, 2])
+    return Contexts(tokens, keep)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> LoadedModel:
+    return LoadedModel(model=tiny_model("llama"), tokenizer=CharTokenizer(), spec="tiny-llama", name="tiny-llama")
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    return tmp_path / "store"

@@ -1,0 +1,53 @@
+"""The generated CLI: flags and help come from the config dataclasses; errors are one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from featurelens.activations.harvest import HarvestConfig
+from featurelens.cli import DemoConfig, build_parser, main
+from featurelens.configs import field_docs
+
+
+@pytest.mark.parametrize("cls", [HarvestConfig, DemoConfig])
+def test_every_config_field_is_documented(cls: type) -> None:
+    docs = field_docs(cls)
+    missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+    assert not missing
+
+
+def test_harvest_flags_generated_from_config() -> None:
+    ns = build_parser().parse_args(["harvest", "--sites", "blocks.1.hook_mlp_out", "--tokens", "7", "--no-early-exit",
+                                    "--dtype", "bfloat16", "--context-length", "33"])
+    assert (ns.sites, ns.tokens, ns.early_exit, ns.dtype, ns.context_length) == ("blocks.1.hook_mlp_out", 7, False, "bfloat16", 33)
+    assert ns.batch_size == HarvestConfig().batch_size
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["harvest", "--dtype", "int4"])
+
+
+def test_help_shows_field_docs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["harvest", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Stop each forward pass right after the deepest requested site" in out
+
+
+def test_bad_site_is_one_line_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    rc = main(["harvest", "--sites", "blocks.1.resid", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and err.startswith("featurelens: error: unknown site")
+
+
+def test_store_command_on_missing_store(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["store", str(tmp_path)]) == 2
+    assert "not an activation store" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point() -> None:
+    res = subprocess.run([sys.executable, "-m", "featurelens", "--version"], capture_output=True, text=True)
+    assert res.returncode == 0 and "featurelens" in res.stdout
