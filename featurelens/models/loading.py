@@ -133,8 +133,14 @@ class LoadedModel:
 
 
 def _gguf_fingerprint(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    """Content fingerprint (size, name, first and last MiB): the same GGUF in another venv shares a cache."""
+    size = path.stat().st_size
+    h = hashlib.sha256(f"{path.name}:{size}".encode())
+    with path.open("rb") as fh:
+        h.update(fh.read(1 << 20))
+        fh.seek(max(0, size - (1 << 20)))
+        h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
 
 
 def _from_pretrained(folder: str, dtype: torch.dtype, gguf_file: str | None = None, offline: bool = False) -> tuple[Any, Any]:

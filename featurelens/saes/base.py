@@ -1,0 +1,342 @@
+"""The SAE base class: parameters, encode/decode, named outputs, init from data, save/load.
+
+Every architecture keeps the SAELens parameter layout where one exists: ``W_enc [d_in, d_sae]``,
+``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]`` (plus ``threshold`` for JumpReLU-style
+inference, ``b_gate``/``r_mag``/``b_mag`` for gated). A trained SAE is saved as a folder with
+``cfg.json`` and ``sae_weights.safetensors``; ``cfg.json`` names the architecture and loading dispatches
+through the registry.
+
+Activations are normalised during training by one fixed scalar (so that the mean norm is sqrt(d_in));
+:meth:`SAE.fold_input_scale` folds that scalar into the weights before saving, so a saved SAE works
+on raw activations and its latent activations are unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from featurelens.errors import FeatureLensError
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+CONFIG_FILE = "cfg.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SAEConfig:
+    """The saved artifact config (``cfg.json``): what the SAE is, not how it was trained."""
+
+    architecture: str
+    """featurelens architecture name (registry key), e.g. ``topk``, ``jumprelu``, ``matryoshka``."""
+    d_in: int
+    """Input width (the site's width)."""
+    d_sae: int
+    """Number of latents."""
+    k: int | None = None
+    """Active latents per token for TopK-style architectures (BatchTopK: the training average)."""
+    apply_b_dec_to_input: bool = True
+    """Subtract ``b_dec`` from the input before encoding."""
+    hook_name: str = ""
+    """Site the SAE reads (TransformerLens-style name)."""
+    hook_layer: int = -1
+    """Block index of ``hook_name`` (-1 when unknown)."""
+    model_name: str = ""
+    """Model the SAE was trained on."""
+    dtype: str = "float32"
+    """Parameter dtype."""
+    context_size: int = 128
+    """Context length of the training data."""
+    prepend_bos: bool = True
+    """Whether the training contexts started with BOS."""
+    normalize_activations: str = "none"
+    """Input normalisation at inference; always ``none`` here since the scale is folded into the weights."""
+    prefixes: list[int] = field(default_factory=list)
+    """Matryoshka: nested dictionary sizes (the last equals ``d_sae``)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Architecture-specific settings recorded for reference (bandwidth, penalty p, ...)."""
+
+
+class SAEOutput(NamedTuple):
+    """Result of :meth:`SAE.forward`. Sparse fast paths fill ``idx``/``vals`` and leave ``feats`` None."""
+
+    x_hat: Tensor
+    """Reconstruction ``[batch, d_in]``."""
+    feats: Tensor | None
+    """Latent activations ``[batch, d_sae]`` (dense; zeros where inactive), or None on sparse paths."""
+    pre: Tensor | None
+    """Encoder pre-activations ``[batch, d_sae]`` (for auxiliary losses), or None on sparse paths."""
+    idx: Tensor | None = None
+    """Sparse paths: indices ``[batch, k]`` of the active latents."""
+    vals: Tensor | None = None
+    """Sparse paths: their values ``[batch, k]`` (zeros allowed)."""
+
+    def dense_feats(self, d_sae: int) -> Tensor:
+        """Latent activations as a dense ``[batch, d_sae]`` tensor."""
+        if self.feats is not None:
+            return self.feats
+        assert self.idx is not None and self.vals is not None
+        out = torch.zeros(self.idx.shape[0], d_sae, dtype=self.vals.dtype, device=self.vals.device)
+        return out.scatter_(-1, self.idx, self.vals)
+
+    def fire_counts(self, d_sae: int) -> Tensor:
+        """How many rows of the batch each latent fired on, ``[d_sae]`` (int64)."""
+        if self.feats is not None:
+            return (self.feats > 0).sum(0)
+        assert self.idx is not None and self.vals is not None
+        return torch.bincount(self.idx[self.vals > 0], minlength=d_sae)
+
+    def l0(self) -> Tensor:
+        """Mean number of active latents per row."""
+        if self.feats is not None:
+            return (self.feats > 0).float().sum(-1).mean()
+        assert self.vals is not None
+        return (self.vals > 0).float().sum(-1).mean()
+
+
+class LossOutput(NamedTuple):
+    """Result of an architecture's loss function."""
+
+    loss: Tensor
+    """Scalar to minimise."""
+    parts: dict[str, Tensor]
+    """Named components (``mse``, ``sparsity``, ``aux``...), detached, for logging."""
+
+
+@dataclass(frozen=True)
+class LossContext:
+    """Training-time quantities a loss may need, changing over steps."""
+
+    sparsity_coeff: float = 0.0
+    """Current sparsity coefficient (after warmup)."""
+    p: float = 1.0
+    """Current Lp exponent (p-annealing)."""
+    dead_mask: Tensor | None = None
+    """bool ``[d_sae]``: latents that have not fired for the dead window (for AuxK)."""
+    aux_coeff: float = 1 / 32
+    """Weight of auxiliary losses (AuxK)."""
+
+
+def mse_per_token(x_hat: Tensor, x: Tensor) -> Tensor:
+    """Mean over the batch of the squared error summed over dimensions."""
+    return (x_hat - x).pow(2).sum(-1).mean()
+
+
+class SAE(nn.Module):
+    """Base class. Subclasses set ``architecture``, implement :meth:`encode_pre`/:meth:`activate` and
+    :meth:`loss`, and may override :meth:`decode` for a fast path."""
+
+    architecture: ClassVar[str] = ""
+    saelens_architecture: ClassVar[str] = "standard"
+    """Name used in SAELens' ``architecture`` field for the saved (inference) form."""
+    unit_norm_decoder: ClassVar[bool] = False
+    """Keep decoder rows at unit norm during training (renormalise after each step)."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        if cfg.architecture != self.architecture:
+            cfg = dataclasses.replace(cfg, architecture=self.architecture)
+        self.cfg = cfg
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.reset_parameters(torch.Generator().manual_seed(0))
+
+    # -- initialisation ---------------------------------------------------------------------------
+    def reset_parameters(self, gen: torch.Generator, dec_norm: float = 1.0) -> None:
+        """Decoder rows random directions of norm ``dec_norm``; encoder = decoder transpose."""
+        with torch.no_grad():
+            w = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=gen)
+            w = w / w.norm(dim=-1, keepdim=True) * dec_norm
+            self.W_dec.copy_(w)
+            self.W_enc.copy_(w.T)
+            self.b_enc.zero_()
+            self.b_dec.zero_()
+
+    def init_from_data(self, x: Tensor, method: str = "geometric_median") -> None:
+        """Set ``b_dec`` from a data sample (``geometric_median``, ``mean`` or ``zeros``)."""
+        with torch.no_grad():
+            if method == "geometric_median":
+                self.b_dec.copy_(geometric_median(x.float()))
+            elif method == "mean":
+                self.b_dec.copy_(x.float().mean(0))
+            elif method != "zeros":
+                raise FeatureLensError(f"unknown b_dec init {method!r}: use geometric_median, mean or zeros")
+
+    # -- forward ----------------------------------------------------------------------------------
+    def encode_pre(self, x: Tensor) -> Tensor:
+        """Pre-activations ``[batch, d_sae]``."""
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def activate(self, pre: Tensor) -> Tensor:
+        """Latent activations from pre-activations (training form)."""
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Latent activations ``[..., d_sae]`` for inputs ``[..., d_in]`` (inference form)."""
+        shape = x.shape
+        f = self.activate_inference(self.encode_pre(x.reshape(-1, shape[-1])))
+        return f.reshape(*shape[:-1], self.cfg.d_sae)
+
+    def activate_inference(self, pre: Tensor) -> Tensor:
+        """Inference activation; equals :meth:`activate` except for batch-dependent architectures."""
+        return self.activate(pre)
+
+    def decode(self, f: Tensor) -> Tensor:
+        """Reconstruction ``[..., d_in]`` from latents ``[..., d_sae]``."""
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        pre = self.encode_pre(x)
+        f = self.activate(pre)
+        return SAEOutput(self.decode(f), f, pre)
+
+    def loss(self, x: Tensor, out: SAEOutput, ctx: LossContext) -> LossOutput:
+        raise NotImplementedError
+
+    # -- training-time hooks ----------------------------------------------------------------------
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Remove the gradient component that would change unit-norm decoder rows' norms."""
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            w = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+            self.W_dec.grad.sub_((self.W_dec.grad * w).sum(-1, keepdim=True) * w)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+    def update_stats(self, out: SAEOutput) -> None:
+        """Update running statistics from a training batch (BatchTopK threshold)."""
+
+    # -- normalisation folding --------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """The SAE was trained on ``x * scale``; rewrite it to take raw ``x`` with identical latents."""
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+
+    # -- persistence ------------------------------------------------------------------------------
+    def saelens_config(self) -> dict[str, Any]:
+        """``cfg.json`` content: SAELens keys plus featurelens' own config under ``featurelens``."""
+        c = self.cfg
+        meta = {
+            "model_name": c.model_name,
+            "hook_name": c.hook_name,
+            "hook_layer": c.hook_layer,
+            "context_size": c.context_size,
+            "prepend_bos": c.prepend_bos,
+        }
+        out: dict[str, Any] = {
+            "architecture": self.saelens_architecture,
+            "d_in": c.d_in,
+            "d_sae": c.d_sae,
+            "dtype": c.dtype,
+            "device": "cpu",
+            "apply_b_dec_to_input": c.apply_b_dec_to_input,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "hook_head_index": None,
+            "activation_fn_str": "topk" if self.saelens_architecture == "topk" else "relu",
+            "activation_fn_kwargs": {"k": c.k} if self.saelens_architecture == "topk" else {},
+            "finetuning_scaling_factor": False,
+            "metadata": meta,
+            **meta,
+            "featurelens": {"format": FORMAT_VERSION, **dataclasses.asdict(c)},
+        }
+        if self.saelens_architecture == "topk":
+            out["k"] = c.k
+        return out
+
+    def weights_for_saving(self) -> dict[str, Tensor]:
+        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``cfg.json`` + ``sae_weights.safetensors`` to a folder (temp folder, then rename)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            save_file(self.weights_for_saving(), str(tmp / WEIGHTS_FILE))
+            (tmp / CONFIG_FILE).write_text(json.dumps(self.saelens_config(), indent=1) + "\n")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    @classmethod
+    def from_config(cls, cfg: SAEConfig) -> SAE:
+        return cls(cfg)
+
+
+def geometric_median(x: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to the rows of ``x``."""
+    y = x.mean(0)
+    for _ in range(iters):
+        d = (x - y).norm(dim=-1).clamp_min(eps)
+        w = 1.0 / d
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() <= eps * max(1.0, float(y.norm())):
+            return y_new
+        y = y_new
+    return y
+
+
+def load_sae(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> SAE:
+    """Load an SAE folder (ours or SAELens'), a Gemma Scope ``params.npz``, or a sparsify folder."""
+    from featurelens.saes.formats import load_any
+
+    return load_any(Path(path), device=device)
+
+
+def sae_config_from_dict(d: dict[str, Any]) -> SAEConfig:
+    names = {f.name for f in dataclasses.fields(SAEConfig)}
+    return SAEConfig(**{k: v for k, v in d.items() if k in names})
+
+
+def load_state(sae: SAE, weights: dict[str, Tensor], source: Path) -> SAE:
+    expected = set(sae.state_dict())
+    missing, unexpected = expected - set(weights), set(weights) - expected
+    if missing:
+        raise FeatureLensError(f"{source} lacks tensors {sorted(missing)} for a {sae.architecture} SAE: is the config right?")
+    for k in expected:
+        if tuple(weights[k].shape) != tuple(sae.state_dict()[k].shape):
+            raise FeatureLensError(
+                f"{source}: tensor {k} has shape {tuple(weights[k].shape)}, expected {tuple(sae.state_dict()[k].shape)}"
+            )
+    sae.load_state_dict({k: weights[k] for k in expected})
+    del unexpected
+    return sae
+
+
+__all__ = [
+    "SAE",
+    "SAEConfig",
+    "SAEOutput",
+    "LossOutput",
+    "LossContext",
+    "geometric_median",
+    "load_sae",
+    "load_file",
+    "mse_per_token",
+]

@@ -1,0 +1,140 @@
+"""Reading and writing SAEs in other tools' layouts. Never unpickles: safetensors and npz only.
+
+* featurelens / SAELens folder: ``cfg.json`` + ``sae_weights.safetensors`` with ``W_enc [d_in, d_sae]``,
+  ``W_dec [d_sae, d_in]``, ``b_enc``, ``b_dec`` (+ ``threshold`` for JumpReLU, ``b_gate``/``r_mag``/
+  ``b_mag`` for gated). Our own folders carry a ``featurelens`` block naming our exact architecture;
+  plain SAELens folders are mapped by their ``architecture`` field.
+* Gemma Scope ``params.npz``: ``W_enc``, ``W_dec``, ``b_enc``, ``b_dec``, ``threshold`` (JumpReLU),
+  read with ``allow_pickle=False``.
+* sparsify folder: ``cfg.json`` (``d_in``, ``k``, ``num_latents`` or ``expansion_factor``) +
+  ``sae.safetensors`` with ``encoder.weight [d_sae, d_in]``, ``encoder.bias``, ``W_dec``, ``b_dec``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from featurelens.errors import FeatureLensError
+from featurelens.saes.base import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig, load_state, sae_config_from_dict
+from featurelens.saes.registry import get_architecture
+
+SAELENS_TO_FEATURELENS = {"standard": "relu_unitnorm", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
+                          "batchtopk": "jumprelu"}
+
+
+def _convert_weights(cls: type[SAE], w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    conv = getattr(cls, "weights_from_saved", None)
+    return conv(w) if conv is not None else w
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        out = json.loads(path.read_text())
+    except ValueError as e:
+        raise FeatureLensError(f"{path} is not valid JSON ({e}): the SAE folder is damaged") from None
+    if not isinstance(out, dict):
+        raise FeatureLensError(f"{path} does not hold a JSON object")
+    return out
+
+
+def load_saelens_folder(path: Path, device: str | torch.device = "cpu") -> SAE:
+    cfg_d = _read_json(path / CONFIG_FILE)
+    weights = load_file(str(path / WEIGHTS_FILE))
+    if "featurelens" in cfg_d:
+        cfg = sae_config_from_dict(cfg_d["featurelens"])
+    else:
+        sl_arch = cfg_d.get("architecture", "standard")
+        if sl_arch not in SAELENS_TO_FEATURELENS:
+            raise FeatureLensError(f"{path}: SAELens architecture {sl_arch!r} is not supported yet")
+        meta = cfg_d.get("metadata") or {}
+        k = cfg_d.get("k") or (cfg_d.get("activation_fn_kwargs") or {}).get("k")
+        cfg = SAEConfig(
+            architecture=SAELENS_TO_FEATURELENS[sl_arch],
+            d_in=int(cfg_d["d_in"]),
+            d_sae=int(cfg_d["d_sae"]),
+            k=int(k) if k is not None else None,
+            apply_b_dec_to_input=bool(cfg_d.get("apply_b_dec_to_input", True)),
+            hook_name=str(cfg_d.get("hook_name") or meta.get("hook_name") or ""),
+            model_name=str(cfg_d.get("model_name") or meta.get("model_name") or ""),
+        )
+        if cfg_d.get("normalize_activations", "none") not in ("none", None):
+            raise FeatureLensError(
+                f"{path}: normalize_activations={cfg_d['normalize_activations']!r} is not supported: "
+                "fold the normalisation into the weights first"
+            )
+    cls = get_architecture(cfg.architecture)
+    sae = cls(cfg)
+    load_state(sae, _convert_weights(cls, weights), path)
+    return sae.to(device).eval()
+
+
+def load_gemma_scope_npz(path: Path, device: str | torch.device = "cpu", hook_name: str = "", model_name: str = "") -> SAE:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: torch.from_numpy(np.array(z[k], dtype=np.float32)) for k in z.files}
+    except ValueError as e:
+        raise FeatureLensError(f"{path} cannot be read without unpickling ({e}): refusing it") from None
+    need = {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}
+    if not need <= set(arrays):
+        raise FeatureLensError(f"{path} lacks {sorted(need - set(arrays))}: not a Gemma Scope params.npz")
+    d_in, d_sae = arrays["W_enc"].shape
+    cfg = SAEConfig(architecture="jumprelu", d_in=int(d_in), d_sae=int(d_sae), apply_b_dec_to_input=False,
+                    hook_name=hook_name, model_name=model_name)
+    cls = get_architecture("jumprelu")
+    sae = cls(cfg)
+    load_state(sae, _convert_weights(cls, arrays), path)
+    return sae.to(device).eval()
+
+
+def load_sparsify_folder(path: Path, device: str | torch.device = "cpu") -> SAE:
+    cfg_d = _read_json(path / CONFIG_FILE)
+    w = load_file(str(path / "sae.safetensors"))
+    if "W_skip" in w or cfg_d.get("skip_connection") or cfg_d.get("transcode"):
+        raise FeatureLensError(f"{path}: sparsify transcoders / skip connections are not supported")
+    if cfg_d.get("activation", "topk") != "topk":
+        raise FeatureLensError(f"{path}: sparsify activation {cfg_d.get('activation')!r} is not supported (topk only)")
+    d_in = int(cfg_d["d_in"])
+    d_sae = int(cfg_d.get("num_latents") or 0) or d_in * int(cfg_d.get("expansion_factor", 32))
+    cfg = SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=int(cfg_d["k"]), apply_b_dec_to_input=True)
+    sae = get_architecture("topk")(cfg)
+    weights = {"W_enc": w["encoder.weight"].T.contiguous(), "b_enc": w["encoder.bias"], "W_dec": w["W_dec"], "b_dec": w["b_dec"]}
+    load_state(sae, weights, path)
+    return sae.to(device).eval()
+
+
+def load_any(path: Path, device: str | torch.device = "cpu") -> SAE:
+    """Dispatch on what is at ``path``."""
+    if path.is_file() and path.suffix == ".npz":
+        return load_gemma_scope_npz(path, device)
+    if path.is_dir():
+        if (path / "params.npz").exists():
+            return load_gemma_scope_npz(path / "params.npz", device)
+        if (path / CONFIG_FILE).exists() and (path / WEIGHTS_FILE).exists():
+            return load_saelens_folder(path, device)
+        if (path / CONFIG_FILE).exists() and (path / "sae.safetensors").exists():
+            return load_sparsify_folder(path, device)
+    if not path.exists():
+        raise FeatureLensError(f"SAE path {path} does not exist")
+    raise FeatureLensError(
+        f"{path} is not an SAE: expected cfg.json + sae_weights.safetensors (featurelens/SAELens), "
+        "params.npz (Gemma Scope) or cfg.json + sae.safetensors (sparsify)"
+    )
+
+
+def save_sparsify_folder(sae: SAE, path: Path) -> None:
+    """Write a TopK SAE in sparsify's layout (for interop tests and users of sparsify)."""
+    from safetensors.torch import save_file
+
+    if sae.architecture != "topk":
+        raise FeatureLensError("only TopK SAEs can be written in sparsify's layout")
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({"encoder.weight": sae.W_enc.detach().T.contiguous(), "encoder.bias": sae.b_enc.detach().clone(),
+               "W_dec": sae.W_dec.detach().clone(), "b_dec": sae.b_dec.detach().clone()}, str(path / "sae.safetensors"))
+    (path / CONFIG_FILE).write_text(json.dumps({"d_in": sae.cfg.d_in, "num_latents": sae.cfg.d_sae, "k": sae.cfg.k,
+                                               "activation": "topk", "expansion_factor": 0, "normalize_decoder": True}))

@@ -1,0 +1,60 @@
+"""Matryoshka SAE over BatchTopK (Bussmann et al. 2025, *Learning Multi-Level Features with Matryoshka
+SAEs*; Nabeshima 2024).
+
+The dictionary is cut into nested prefixes ``m_1 < m_2 < ... < m_n = d_sae``; each prefix on its own
+must reconstruct the input, so the loss is the mean over prefixes of ``||x - (f[:m] W_dec[:m] + b_dec)||^2``.
+Early latents are pushed towards general features and later ones towards refinements, which reduces
+feature absorption. Activations are BatchTopK during training and a single threshold at inference.
+Default prefixes: d_sae/16, d_sae/8, d_sae/4, d_sae/2, d_sae.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor
+
+from featurelens.saes.base import LossContext, LossOutput, SAEConfig, SAEOutput
+from featurelens.saes.batchtopk import BatchTopKSAE
+from featurelens.saes.registry import register
+from featurelens.saes.topk import auxk_loss
+
+
+def default_prefixes(d_sae: int) -> list[int]:
+    sizes = sorted({max(1, d_sae // f) for f in (16, 8, 4, 2)} | {d_sae})
+    return sizes
+
+
+def matryoshka_loss(x: Tensor, out: SAEOutput, W_dec: Tensor, b_dec: Tensor, prefixes: list[int]) -> tuple[Tensor, Tensor]:
+    """Mean over prefixes of the per-token squared error of each prefix's reconstruction; also the full MSE."""
+    f = out.feats
+    assert f is not None
+    recon = b_dec.expand_as(x)
+    total = x.new_zeros(())
+    start = 0
+    full = total
+    for m in prefixes:
+        recon = recon + f[:, start:m] @ W_dec[start:m]
+        err = (recon - x).pow(2).sum(-1).mean()
+        total = total + err
+        full = err
+        start = m
+    return total / len(prefixes), full
+
+
+@register
+class MatryoshkaSAE(BatchTopKSAE):
+    architecture: ClassVar[str] = "matryoshka"
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        if not cfg.prefixes:
+            cfg.prefixes = default_prefixes(cfg.d_sae)
+        if cfg.prefixes[-1] != cfg.d_sae or sorted(set(cfg.prefixes)) != list(cfg.prefixes):
+            raise ValueError(f"Matryoshka prefixes must increase strictly and end at d_sae={cfg.d_sae}: {cfg.prefixes}")
+        super().__init__(cfg)
+
+    def loss(self, x: Tensor, out: SAEOutput, ctx: LossContext) -> LossOutput:
+        nested, full = matryoshka_loss(x, out, self.W_dec, self.b_dec, self.cfg.prefixes)
+        assert out.pre is not None
+        aux = auxk_loss(x, out.x_hat, out.pre, self.W_dec, ctx.dead_mask, k_aux=max(1, self.cfg.d_in // 2))
+        return LossOutput(nested + ctx.aux_coeff * aux, {"mse": full.detach(), "nested": nested.detach(), "aux": aux.detach()})
