@@ -220,7 +220,7 @@ class SAE(nn.Module):
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         if self.unit_norm_decoder:
-            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+            self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
 
     def update_stats(self, out: SAEOutput) -> None:
         """Update running statistics from a training batch (BatchTopK threshold)."""

@@ -47,7 +47,7 @@ class _TopKEncode(torch.autograd.Function):
         B, k = idx.shape
         d_sae = W_enc.shape[1]
         rows = torch.arange(B, device=idx.device).repeat_interleave(k)
-        G = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), g.reshape(-1), (d_sae, B)).coalesce()
+        G = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), g.reshape(-1), (d_sae, B), check_invariants=False).coalesce()
         g_W = torch.sparse.mm(G, xc).T  # [d_in, d_sae]
         g_b_enc = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
         g_x = None

@@ -1,0 +1,1 @@
+"""Evaluating SAEs: ground-truth recovery on synthetic data (more metrics land with the eval issue)."""
