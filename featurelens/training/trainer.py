@@ -329,7 +329,7 @@ class Trainer:
             if head[0].shape[-1] != self.d_in:
                 raise FeatureLensError(f"batches have width {head[0].shape[-1]}, expected d_in={self.d_in}")
             self.scale = self._estimate_scale(head) if cfg.normalize else 1.0
-            x0 = head[0].to(self.device, torch.float32) * self.scale
+            x0 = _all_gather_rows(head[0].to(self.device, torch.float32), self.world) * self.scale
             for r in self.runs:
                 r.sae.init_from_data(x0, r.spec.b_dec_init)
         stream = _chain(head, it)
@@ -444,6 +444,18 @@ class Trainer:
             out.append(sae)
         _barrier(self.world)
         return out
+
+
+def _all_gather_rows(x: Tensor, world: int) -> Tensor:
+    """Concatenate every rank's rows in rank order (the global batch), so data-dependent
+    initialisation matches a single process that saw the whole global batch."""
+    if world == 1:
+        return x
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 def _barrier(world: int) -> None:
