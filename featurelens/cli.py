@@ -86,6 +86,94 @@ def _cmd_corpus(ns: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass
+class TrainSource:
+    """Where training activations come from, and the grid of SAEs to train from that one stream."""
+
+    acts: str = ""
+    """Activation store folder to train from; leave empty to stream from --model at --site."""
+    model: str = ""
+    """Model spec to stream activations from (when --acts is empty)."""
+    site: str = ""
+    """Site to train on: required when streaming; picks one site of a multi-site store."""
+    corpus: str = "default"
+    """Text source when streaming."""
+    context_length: int = 128
+    """Context length when streaming."""
+    arch: str = "topk"
+    """Architecture(s), comma-separated: relu, relu_unitnorm, gated, jumprelu, topk, batchtopk, matryoshka."""
+    width: str = "4096"
+    """Number(s) of latents, comma-separated; the grid arch x width x k x sparsity_coeff is trained at once."""
+    k: str = "32"
+    """Active latents per token for topk-style architectures, comma-separated."""
+    sparsity_coeff: str = "0"
+    """Sparsity coefficient(s), comma-separated; 0 takes each architecture's default."""
+    lr: float = 0.0
+    """Learning rate; 0 takes each architecture's default."""
+    p_end: float = 1.0
+    """Final Lp exponent for relu-family SAEs; below 1 turns on p-annealing (0.5: sqrt penalty)."""
+
+
+def _grid(src: TrainSource) -> list:
+    from featurelens.training import SAESpec
+
+    def split(v: str, typ: type) -> list:
+        return [typ(x) for x in v.split(",") if x.strip()]
+
+    specs = []
+    for arch in split(src.arch, str):
+        topk_like = arch in ("topk", "batchtopk", "matryoshka")
+        for width in split(src.width, int):
+            for k in split(src.k, int) if topk_like else [32]:
+                for c in [0.0] if topk_like else split(src.sparsity_coeff, float):
+                    specs.append(SAESpec(arch=arch, width=width, k=k, sparsity_coeff=c, lr=src.lr,
+                                         p_end=src.p_end if not topk_like else 1.0))
+    return specs
+
+
+def _cmd_train(ns: argparse.Namespace) -> int:
+    from featurelens.activations.store import ActivationStore
+    from featurelens.models.sites import parse_site
+    from featurelens.training import SAEMeta, TrainConfig, Trainer
+
+    src = dataclass_from_args(TrainSource, ns)
+    cfg = dataclass_from_args(TrainConfig, ns)
+    specs = _grid(src)
+    if src.acts:
+        store = ActivationStore(src.acts)
+        site = src.site or None
+        d_in = store.d(site)
+        site_name = site or store.sites[0]
+        meta = SAEMeta(hook_name=site_name, model_name=str(store.manifest.get("model", "")),
+                       context_size=int(store.manifest.get("context_length", 128)), hook_layer=parse_site(site_name).layer)
+        trainer = Trainer(specs, cfg, d_in, meta)
+        per_rank = cfg.batch_size // trainer.world
+        epochs = -(-cfg.steps * cfg.batch_size // max(1, store.n_tokens)) + 1
+        batches = store.batches(site, batch_size=per_rank, seed=cfg.seed, rank=trainer.rank,
+                                world_size=trainer.world, epochs=epochs)
+    else:
+        if not (src.model and src.site):
+            raise FeatureLensError("give --acts STORE, or --model M and --site S to stream activations from a model")
+        from featurelens.activations.stream import stream_batches
+        from featurelens.models.loading import load_model
+
+        lm = load_model(src.model, device=cfg.device)
+        from featurelens.models.sites import SiteMap
+
+        sm = SiteMap(lm.model)
+        site_obj = sm.parse(src.site)
+        meta = SAEMeta(hook_name=src.site, model_name=lm.name, context_size=src.context_length, hook_layer=site_obj.layer)
+        trainer = Trainer(specs, cfg, sm.dim(site_obj), meta)
+        batches = stream_batches(lm, src.site, cfg.batch_size, corpus=src.corpus, context_length=src.context_length,
+                                 seed=cfg.seed)
+    trainer.train(batches)
+    for r in trainer.runs:
+        last = r.log[-1] if r.log else {}
+        print(json.dumps({"sae": str(trainer.out / r.name), "fvu": last.get("fvu"), "l0": last.get("l0"),
+                          "dead_frac": last.get("dead_frac")}))
+    return 0
+
+
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from featurelens.demo import run_demo
 
@@ -111,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("harvest", help="harvest activations into a store", description=HarvestConfig.__doc__)
     add_dataclass_args(sp, HarvestConfig)
     sp.set_defaults(func=_cmd_harvest)
+
+    from featurelens.training import TrainConfig
+
+    sp = sub.add_parser("train", help="train one or a grid of SAEs from a store or a model stream",
+                        description=TrainSource.__doc__)
+    add_dataclass_args(sp, TrainSource)
+    add_dataclass_args(sp, TrainConfig)
+    sp.set_defaults(func=_cmd_train)
 
     sp = sub.add_parser("store", help="summarise (and verify) an activation store")
     sp.add_argument("path", help="store folder")

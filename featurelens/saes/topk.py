@@ -52,11 +52,11 @@ class _TopKEncode(torch.autograd.Function):
         g_b_enc = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
         g_x = None
         g_b_dec = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
-            gx = torch.zeros_like(xc)
-            gx.index_add_(0, rows, g.reshape(-1, 1) * W_enc.T[idx.reshape(-1)])
-            g_x = gx if ctx.needs_input_grad[0] else None
-            g_b_dec = -gx.sum(0) if (ctx.needs_input_grad[3] and ctx.sub_b_dec) else None
+        if ctx.needs_input_grad[0]:
+            g_x = torch.sparse.mm(G.t(), W_enc.T)  # [B, d_in]
+        if ctx.needs_input_grad[3] and ctx.sub_b_dec:
+            # sum over the batch of -dL/dx  =  -(sum_b g_pre[b]) W_enc^T  =  -W_enc g_b_enc
+            g_b_dec = -(W_enc @ g_b_enc)
         return g_x, g_W, g_b_enc, g_b_dec, None, None
 
 

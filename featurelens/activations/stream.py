@@ -1,0 +1,60 @@
+"""Activation batches streamed straight from a model, without a store.
+
+The contexts are visited in a seeded order and the rows go through a shuffling buffer, so the stream is
+deterministic: a resumed training run can replay it (at the cost of recomputing the skipped batches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from featurelens.data.corpora import iter_texts
+from featurelens.data.tokenize import Contexts, pack_contexts
+from featurelens.models.hooks import ActivationCapture
+from featurelens.models.loading import LoadedModel
+
+
+def stream_batches(
+    model: LoadedModel,
+    site: str,
+    batch_size: int,
+    corpus: str = "default",
+    split: str = "train",
+    context_length: int = 128,
+    contexts_per_forward: int = 16,
+    buffer_rows: int = 1 << 16,
+    seed: int = 0,
+    epochs: int = 1_000_000,
+    contexts: Contexts | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield shuffled ``[batch_size, d]`` float32 batches of ``site`` activations (BOS/pad excluded)."""
+    if contexts is None:
+        contexts = pack_contexts(iter_texts(corpus, split), model.tokenizer, context_length,
+                                 source_name=f"text source {corpus!r}")
+    tokens, keep = contexts.tokens, contexts.keep
+    n = tokens.shape[0]
+    buf: list[torch.Tensor] = []
+    held = 0
+    with ActivationCapture(model.model, [site]) as cap:
+        for epoch in range(epochs):
+            rng = np.random.default_rng([seed, epoch])
+            order = rng.permutation(n)
+            gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
+            for b0 in range(0, n, contexts_per_forward):
+                sel = order[b0 : b0 + contexts_per_forward]
+                ids = torch.from_numpy(tokens[sel].astype(np.int64)).to(model.device)
+                acts = cap.forward(ids)[site]
+                rows = acts[torch.from_numpy(keep[sel]).to(acts.device)].float().cpu()
+                buf.append(rows)
+                held += rows.shape[0]
+                if held >= buffer_rows:
+                    pool = torch.cat(buf)
+                    pool = pool[torch.randperm(pool.shape[0], generator=gen)]
+                    n_out = (pool.shape[0] // 2) // batch_size
+                    for i in range(n_out):
+                        yield pool[i * batch_size : (i + 1) * batch_size]
+                    rest = pool[n_out * batch_size :]
+                    buf, held = [rest], rest.shape[0]
