@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from featurelens.configs import add_dataclass_args, dataclass_from_args
@@ -14,16 +15,26 @@ from featurelens.errors import FeatureLensError
 
 @dataclass
 class DemoConfig:
-    """The main job on the bundled model and corpus."""
+    """The main job on the bundled model and corpus: harvest, train a TopK SAE, evaluate, report."""
 
     model: str = "smollm2-135m-instruct"
     """Model spec (bundled alias by default)."""
     site: str = "blocks.10.hook_resid_post"
-    """Site to harvest."""
-    tokens: int = 200_000
-    """Activation rows to harvest."""
+    """Site to harvest and train on."""
+    tokens: int = 300_000
+    """Activation rows to harvest for training."""
+    width: int = 4096
+    """SAE latents."""
+    k: int = 32
+    """Active latents per token."""
+    steps: int = 1200
+    """Training steps."""
+    batch_size: int = 4096
+    """Rows per training step."""
+    eval_tokens: int = 16_000
+    """Held-out evaluation tokens (the corpus' test split)."""
     out: str = "runs/demo"
-    """Output folder for the demo's artifacts."""
+    """Output folder for the store, the SAE, the report and summary.json."""
     device: str = "auto"
     """cpu, cuda or auto."""
 
@@ -174,6 +185,46 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(ns: argparse.Namespace) -> int:
+    from featurelens.evaluation.run import EvalConfig, evaluate
+
+    results = evaluate(dataclass_from_args(EvalConfig, ns), sae_paths=ns.saes)
+    keys = ("name", "fvu", "l0", "dead_fraction", "ce_loss_recovered", "delta_lm_loss", "kl_div")
+    for r in results:
+        print(json.dumps({k: r.get(k) for k in keys}))
+    print(f"report: {results[0]['report']}")
+    return 0
+
+
+def _cmd_sweep(ns: argparse.Namespace) -> int:
+    from featurelens.activations.store import ActivationStore
+    from featurelens.evaluation.run import EvalConfig, evaluate
+    from featurelens.models.sites import parse_site
+    from featurelens.training import SAEMeta, TrainConfig, Trainer
+
+    src = dataclass_from_args(TrainSource, ns)
+    cfg = dataclass_from_args(TrainConfig, ns)
+    if not src.acts:
+        raise FeatureLensError("sweep trains from an activation store: pass --acts STORE (see `featurelens harvest`)")
+    store = ActivationStore(src.acts)
+    site = src.site or store.sites[0]
+    meta = SAEMeta(hook_name=site, model_name=str(store.manifest.get("model", "")),
+                   context_size=int(store.manifest.get("context_length", 128)), hook_layer=parse_site(site).layer)
+    trainer = Trainer(_grid(src), cfg, store.d(site), meta)
+    epochs = -(-cfg.steps * cfg.batch_size // max(1, store.n_tokens)) + 1
+    saes = trainer.train(store.batches(site, batch_size=cfg.batch_size // trainer.world, seed=cfg.seed,
+                                       rank=trainer.rank, world_size=trainer.world, epochs=epochs))
+    if trainer.rank != 0:
+        return 0
+    ecfg = EvalConfig(model=str(store.manifest.get("model_spec") or store.manifest.get("model")), site=site,
+                      tokens=ns.eval_tokens, out=str(Path(cfg.out) / "eval"), device=cfg.device)
+    results = evaluate(ecfg, saes=saes, names=[r.name for r in trainer.runs])
+    for r in results:
+        print(json.dumps({k: r.get(k) for k in ("name", "l0", "fvu", "ce_loss_recovered", "delta_lm_loss")}))
+    print(f"report: {results[0]['report']}")
+    return 0
+
+
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from featurelens.demo import run_demo
 
@@ -207,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(sp, TrainSource)
     add_dataclass_args(sp, TrainConfig)
     sp.set_defaults(func=_cmd_train)
+
+    from featurelens.evaluation.run import EvalConfig
+
+    sp = sub.add_parser("eval", help="evaluate SAEs: metrics, spliced-in CE loss, HTML report",
+                        description=EvalConfig.__doc__)
+    sp.add_argument("saes", nargs="+", help="SAE folders (featurelens/SAELens/sparsify) or Gemma Scope params.npz")
+    add_dataclass_args(sp, EvalConfig)
+    sp.set_defaults(func=_cmd_eval)
+
+    sp = sub.add_parser("sweep", help="train a grid of SAEs from one store, evaluate them, plot the Pareto fronts",
+                        description=TrainSource.__doc__)
+    add_dataclass_args(sp, TrainSource)
+    add_dataclass_args(sp, TrainConfig)
+    sp.add_argument("--eval-tokens", type=int, default=20_000, help="evaluation tokens (default: 20000)")
+    sp.set_defaults(func=_cmd_sweep)
 
     sp = sub.add_parser("store", help="summarise (and verify) an activation store")
     sp.add_argument("path", help="store folder")

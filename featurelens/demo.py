@@ -1,6 +1,8 @@
-"""The main job: harvest a mid-layer residual site of the bundled model over the bundled corpus.
+"""The main job on the bundled model and corpus: harvest a mid-layer residual site, train a TopK SAE,
+evaluate it on held-out text (reconstruction, sparsity, spliced-in CE loss) and write the report.
 
-Later stages (SAE training, evaluation, the report) extend this as they land.
+Every stage is resumable: run the same command again after an interruption and finished stages are
+reused (the store and the trainer's checkpoints).
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from featurelens.activations.harvest import HarvestConfig, harvest
 
 if TYPE_CHECKING:
@@ -19,28 +19,43 @@ if TYPE_CHECKING:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    from featurelens.evaluation.run import EvalConfig, evaluate
+    from featurelens.models.loading import load_model
+    from featurelens.models.sites import parse_site
+    from featurelens.training import SAEMeta, SAESpec, TrainConfig, Trainer
+
     out = Path(cfg.out)
+    times: dict[str, float] = {}
     t0 = time.perf_counter()
+    lm = load_model(cfg.model, device=cfg.device)
     store = harvest(HarvestConfig(model=cfg.model, sites=cfg.site, tokens=cfg.tokens, out=str(out / "activations"),
-                                  device=cfg.device))
-    secs = time.perf_counter() - t0
-    x = store.load(cfg.site, max_tokens=50_000)
-    norms = x.norm(dim=-1)
+                                  device=cfg.device), model=lm)
+    times["harvest_s"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    meta = SAEMeta(hook_name=cfg.site, model_name=lm.name, context_size=int(store.manifest["context_length"]),
+                   hook_layer=parse_site(cfg.site).layer)
+    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, out=str(out / "saes"), device=cfg.device,
+                       checkpoint_every=200, log_every=50, dead_tokens=cfg.steps * cfg.batch_size // 4)
+    trainer = Trainer([SAESpec(arch="topk", width=cfg.width, k=cfg.k)], tcfg, store.d(cfg.site), meta)
+    epochs = -(-cfg.steps * cfg.batch_size // store.n_tokens) + 1
+    (sae,) = trainer.train(store.batches(cfg.site, batch_size=cfg.batch_size, seed=0, epochs=epochs))
+    times["train_s"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    (res,) = evaluate(EvalConfig(model=cfg.model, site=cfg.site, tokens=cfg.eval_tokens, out=str(out / "report"),
+                                 device=cfg.device), saes=[sae], names=[trainer.runs[0].name], model=lm)
+    times["eval_s"] = time.perf_counter() - t2
     summary = {
-        "store": str(store.root),
-        "model": store.manifest["model"],
-        "site": cfg.site,
-        "n_tokens": store.n_tokens,
-        "d_model": store.d(cfg.site),
-        "n_shards": store.n_shards,
-        "seconds": round(secs, 1),
-        "mean_norm": round(float(norms.mean()), 3),
-        "median_norm": round(float(norms.median()), 3),
-        "max_norm": round(float(norms.max()), 3),
-        "mean_abs_mean": round(float(x.mean(0).abs().mean()), 4),
-        "top_variance_share": round(float(torch.linalg.svdvals(x - x.mean(0))[0] ** 2 / ((x - x.mean(0)) ** 2).sum()), 4),
+        "model": lm.name, "site": cfg.site, "harvested_tokens": store.n_tokens, "sae": str(trainer.out / trainer.runs[0].name),
+        "architecture": "topk", "width": cfg.width, "k": cfg.k, "train_steps": cfg.steps, "batch_size": cfg.batch_size,
+        **{k: res.get(k) for k in ("fvu", "l0", "dead_fraction", "dense_fraction", "ce_loss_clean", "ce_loss_spliced",
+                                   "delta_lm_loss", "ce_loss_recovered", "ce_loss_recovered_mean_ablation", "kl_div",
+                                   "n_tokens")},
+        **{k: round(v, 1) for k, v in times.items()}, "total_s": round(time.perf_counter() - t0, 1),
+        "report": res["report"],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
-    print(f"activation store: {store.root}  (inspect with `featurelens store {store.root} --verify`)")
+    print(f"\nopen the report: {res['report']}")
     return summary

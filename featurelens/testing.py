@@ -72,7 +72,8 @@ class CharTokenizer:
         return vocab
 
     def encode(self, text: str) -> list[int]:
-        return [3 + ord(ch) % (self.vocab_size - 3) for ch in text]
+        """Characters 3..vocab-1 map to themselves (printable ASCII survives a round trip); others wrap."""
+        return [ord(ch) if 3 <= ord(ch) < self.vocab_size else 3 + ord(ch) % (self.vocab_size - 3) for ch in text]
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
         ids = self.encode(text)

@@ -27,7 +27,7 @@ def _ours(arch: str, tmp_path: Path, **kw: object) -> tuple:
         for name, p in sae.named_parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn(p.shape))
-        if hasattr(sae, "threshold") and isinstance(getattr(sae, "threshold"), torch.Tensor) and arch == "batchtopk":
+        if hasattr(sae, "threshold") and isinstance(sae.threshold, torch.Tensor) and arch == "batchtopk":
             sae.threshold.fill_(0.2)
     sae.eval()
     return sae, sae.save(tmp_path / arch)
@@ -46,13 +46,13 @@ def test_saelens_loads_ours_identically(arch: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu", "gated"])
 def test_we_load_saelens_saves_identically(arch: str, tmp_path: Path) -> None:
-    from sae_lens.saes.sae import SAE
+    from sae_lens.registry import get_sae_class
 
-    cfg_cls = SAE.get_sae_config_class_for_architecture(arch)
-    kwargs = {"d_in": D_IN, "d_sae": D_SAE, "dtype": "float32", "device": "cpu"}
+    sae_cls, cfg_cls = get_sae_class(arch)
+    kwargs: dict[str, object] = {"d_in": D_IN, "d_sae": D_SAE, "dtype": "float32", "device": "cpu"}
     if arch == "topk":
         kwargs["k"] = 5
-    theirs = SAE.get_sae_class_for_architecture(arch)(cfg_cls(**kwargs))
+    theirs = sae_cls(cfg_cls(**kwargs))
     with torch.no_grad():
         for p in theirs.parameters():
             p.copy_(torch.randn(p.shape) * 0.3)
