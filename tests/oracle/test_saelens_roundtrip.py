@@ -24,7 +24,7 @@ def _ours(arch: str, tmp_path: Path, **kw: object) -> tuple:
     sae = get_architecture(arch)(cfg)
     sae.reset_parameters(torch.Generator().manual_seed(3))
     with torch.no_grad():
-        for name, p in sae.named_parameters():
+        for p in sae.parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn(p.shape))
         if hasattr(sae, "threshold") and isinstance(sae.threshold, torch.Tensor) and arch == "batchtopk":
