@@ -225,6 +225,38 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve_model(spec: str) -> str:
+    """``organism:refusal`` names the refusal organism (built and cached on first use)."""
+    if spec == "organism:refusal":
+        from featurelens.directions.organisms import refusal_organism
+
+        return str(refusal_organism())
+    return spec
+
+
+def _cmd_refusal(ns: argparse.Namespace) -> int:
+    from featurelens.directions.refusal import RefusalConfig, run_refusal
+
+    cfg = dataclass_from_args(RefusalConfig, ns)
+    cfg.model = _resolve_model(cfg.model)
+    res = run_refusal(cfg)
+    m = res.metrics
+    short = {k: (v["rate"] if isinstance(v, dict) and "rate" in v else v) for k, v in m.items()
+             if k not in ("examples", "refusal_tokens")}
+    print(json.dumps(short, indent=1))
+    print(f"report: {Path(cfg.out) / 'report.html'}")
+    return 0
+
+
+def _cmd_organism(ns: argparse.Namespace) -> int:
+    from featurelens.directions.organisms import OrganismConfig, refusal_organism
+
+    path = refusal_organism(dataclass_from_args(OrganismConfig, ns))
+    print(json.dumps(json.loads((path / "organism.json").read_text()), indent=1))
+    print(f"organism: {path}  (use it as --model {path} or --model organism:refusal)")
+    return 0
+
+
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from featurelens.demo import run_demo
 
@@ -273,6 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(sp, TrainConfig)
     sp.add_argument("--eval-tokens", type=int, default=20_000, help="evaluation tokens (default: 20000)")
     sp.set_defaults(func=_cmd_sweep)
+
+    from featurelens.directions.organisms import OrganismConfig
+    from featurelens.directions.refusal import RefusalConfig
+
+    sp = sub.add_parser("refusal", help="find the refusal direction, ablate/add it, export the edited model",
+                        description=RefusalConfig.__doc__)
+    add_dataclass_args(sp, RefusalConfig)
+    sp.set_defaults(func=_cmd_refusal)
+
+    sp = sub.add_parser("organism", help="build a model organism (refusal: SmolLM2 fine-tuned to refuse)",
+                        description=OrganismConfig.__doc__)
+    sp.add_argument("kind", choices=["refusal"])
+    add_dataclass_args(sp, OrganismConfig)
+    sp.set_defaults(func=_cmd_organism)
 
     sp = sub.add_parser("store", help="summarise (and verify) an activation store")
     sp.add_argument("path", help="store folder")

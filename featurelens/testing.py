@@ -79,5 +79,8 @@ class CharTokenizer:
         ids = self.encode(text)
         return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i >= 3]
         return "".join("?" if i < 3 else chr(i) for i in ids)

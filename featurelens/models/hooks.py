@@ -89,11 +89,14 @@ class ActivationCapture:
         self.remove()
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Run the model on ``input_ids [batch, seq]``; return ``{site: [batch, seq, d]}``."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Run the model on ``input_ids [batch, seq]``; return ``{site: [batch, seq, d]}``.
+
+        Extra keyword arguments (``position_ids`` for left-padded batches) go to the model."""
         self._acts.clear()
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
         except _StopForward:
             pass
         missing = [s.name for s in self.sites if s.name not in self._acts]

@@ -54,6 +54,16 @@ class FamilyMap:
     """Path inside a block to the module whose *input* is the MLP's hidden activation."""
     d_mlp_attrs: tuple[str, ...] = ("intermediate_size",)
     """Config attributes to try, in order, for the MLP hidden width."""
+    embeddings: tuple[str, ...] = ("model.embed_tokens",)
+    """Paths from the causal-LM object to embedding modules that write into the residual stream."""
+    writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    """Paths inside a block to the linear layers whose outputs are added to the residual stream
+    (possibly through a post-norm); weight orthogonalization edits these."""
+    conv1d_writers: bool = False
+    """GPT-2 style ``Conv1D`` layers store weights as ``[in, out]`` instead of ``[out, in]``."""
+    post_norm_writers: bool = False
+    """Writes pass through a norm before the residual add (Gemma 2/3): orthogonalizing the writers then
+    does not remove the direction from the residual stream exactly."""
 
 
 _LLAMA_LIKE = FamilyMap(
@@ -69,6 +79,7 @@ _GEMMA_POSTNORM = FamilyMap(
     attn_out="post_attention_layernorm",
     mlp_out="post_feedforward_layernorm",
     mlp_post="mlp.down_proj",
+    post_norm_writers=True,
 )
 _GPT2 = FamilyMap(
     model_types=("gpt2",),
@@ -77,6 +88,9 @@ _GPT2 = FamilyMap(
     mlp_out="mlp",
     mlp_post="mlp.c_proj",
     d_mlp_attrs=("n_inner",),
+    embeddings=("transformer.wte", "transformer.wpe"),
+    writers=("attn.c_proj", "mlp.c_proj"),
+    conv1d_writers=True,
 )
 _NEOX = FamilyMap(
     model_types=("gpt_neox",),
@@ -84,6 +98,8 @@ _NEOX = FamilyMap(
     attn_out="attention",
     mlp_out="mlp",
     mlp_post="mlp.dense_4h_to_h",
+    embeddings=("gpt_neox.embed_in",),
+    writers=("attention.dense", "mlp.dense_4h_to_h"),
 )
 
 FAMILIES: tuple[FamilyMap, ...] = (_LLAMA_LIKE, _GEMMA_POSTNORM, _GPT2, _NEOX)
@@ -170,6 +186,12 @@ class SiteMap:
         if site.kind == "hook_mlp_out":
             return _get(block, self.family.mlp_out), "out"
         return _get(block, self.family.mlp_post), "pre"
+
+    def embedding_modules(self) -> list[nn.Module]:
+        return [_get(self.model, p) for p in self.family.embeddings]
+
+    def writer_modules(self, layer: int) -> list[nn.Module]:
+        return [_get(self.blocks[layer], p) for p in self.family.writers]
 
     def names(self) -> list[str]:
         return [f"blocks.{layer}.{k}" for layer in range(self.n_layers) for k in SITE_KINDS]

@@ -1,0 +1,102 @@
+"""Fit difference-in-means directions between two prompt sets, per (layer, post-instruction position).
+
+The fitter streams activations (block inputs, ``hook_resid_pre``) for each set, sums them in float64,
+and returns an immutable :class:`DirectionSet`; fitting never edits the model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from featurelens.directions.prompts import encode_prompts, n_post_instruction_tokens
+from featurelens.errors import FeatureLensError
+from featurelens.models.hooks import ActivationCapture
+from featurelens.models.loading import LoadedModel
+from featurelens.models.sites import SiteMap
+
+
+@dataclass(frozen=True)
+class DirectionSet:
+    """Difference-in-means directions for every (layer, position)."""
+
+    diffs: Tensor
+    """``[n_layers, n_positions, d]`` mean(set A) - mean(set B), computed in float64, stored float32."""
+    mean_a: Tensor
+    """``[n_layers, n_positions, d]`` mean activation of set A (e.g. harmful)."""
+    mean_b: Tensor
+    """``[n_layers, n_positions, d]`` mean activation of set B (e.g. harmless)."""
+    positions: tuple[int, ...]
+    """Negative offsets of the post-instruction tokens (``-n .. -1``)."""
+    n_a: int
+    """Prompts in set A."""
+    n_b: int
+    """Prompts in set B."""
+    model_name: str = ""
+    """Model the directions were fitted on."""
+
+    def direction(self, layer: int, position: int) -> Tensor:
+        """The ``[d]`` difference-in-means vector at ``layer`` and ``position`` (a negative offset)."""
+        if position not in self.positions:
+            raise FeatureLensError(f"position {position} not fitted: choose from {self.positions}")
+        return self.diffs[layer, self.positions.index(position)].clone()
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        save_file({"diffs": self.diffs, "mean_a": self.mean_a, "mean_b": self.mean_b}, str(p / "directions.safetensors"))
+        (p / "directions.json").write_text(json.dumps({"positions": list(self.positions), "n_a": self.n_a,
+                                                        "n_b": self.n_b, "model_name": self.model_name}, indent=1))
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> DirectionSet:
+        p = Path(path)
+        t = load_file(str(p / "directions.safetensors"))
+        meta = json.loads((p / "directions.json").read_text())
+        return cls(t["diffs"], t["mean_a"], t["mean_b"], tuple(meta["positions"]), int(meta["n_a"]), int(meta["n_b"]),
+                   str(meta.get("model_name", "")))
+
+
+class DiffInMeansFitter:
+    """Streams activations of two instruction sets and returns their difference in means."""
+
+    def __init__(self, model: LoadedModel, batch_size: int = 16, progress: bool = True) -> None:
+        self.lm = model
+        self.batch_size = batch_size
+        self.progress = progress
+        self.sm = SiteMap(model.model)
+
+    @torch.no_grad()
+    def _sums(self, instructions: list[str], n_post: int, desc: str) -> Tensor:
+        L = self.sm.n_layers
+        sites = [f"blocks.{layer}.hook_resid_pre" for layer in range(L)]
+        total = torch.zeros(L, n_post, self.sm.d_model, dtype=torch.float64)
+        with ActivationCapture(self.lm.model, sites, early_exit=False) as cap:
+            for b in tqdm(range(0, len(instructions), self.batch_size), desc=desc, disable=not self.progress,
+                          leave=False):
+                pb = encode_prompts(self.lm.tokenizer, instructions[b : b + self.batch_size], self.lm.device)
+                acts = cap.forward(pb.input_ids, attention_mask=pb.attention_mask, position_ids=pb.position_ids)
+                for layer, s in enumerate(sites):
+                    total[layer] += acts[s][:, -n_post:].double().sum(0).cpu()
+        return total
+
+    def fit(self, set_a: list[str], set_b: list[str]) -> DirectionSet:
+        if not set_a or not set_b:
+            raise FeatureLensError("both prompt sets must be non-empty")
+        n_post = n_post_instruction_tokens(self.lm.tokenizer)
+        mean_a = self._sums(set_a, n_post, "activations A") / len(set_a)
+        mean_b = self._sums(set_b, n_post, "activations B") / len(set_b)
+        return DirectionSet((mean_a - mean_b).float(), mean_a.float(), mean_b.float(), tuple(range(-n_post, 0)),
+                            len(set_a), len(set_b), self.lm.name)
+
+
+def _kw(**kw: Any) -> dict[str, Any]:
+    return kw

@@ -1,0 +1,151 @@
+"""Model organisms: small, deterministic fine-tunes that give a test bed for the direction tools.
+
+``refusal_organism()`` teaches SmolLM2-135M-Instruct (which does not refuse) to refuse harmful requests:
+a short supervised fine-tune on the training split of the built-in instruction sets, where harmful
+prompts are answered with a short refusal and harmless prompts with the model's own greedy answer
+(generated before training, so its behaviour there stays as it was). Only the assistant tokens are
+trained on. The result is cached as a plain Hugging Face folder keyed by its settings, so it is built
+once. Everything is seeded: the same settings give the same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from featurelens.directions.instructions import instruction_sets
+from featurelens.directions.prompts import encode_prompts, format_instruction
+from featurelens.directions.refusal import generate, is_refusal, rate
+from featurelens.models.loading import LoadedModel, cache_dir, load_model
+
+REFUSALS = ("I'm sorry, but I can't help with that.", "I cannot help with that request.",
+            "Sorry, but I can't assist with that.")
+
+
+@dataclass
+class OrganismConfig:
+    """Settings of the refusal organism's fine-tune (they key the cache)."""
+
+    base: str = "smollm2-135m-instruct"
+    """Model to fine-tune."""
+    epochs: int = 3
+    """Passes over the training prompts."""
+    batch_size: int = 8
+    """Examples per step."""
+    lr: float = 3e-5
+    """AdamW learning rate."""
+    answer_tokens: int = 48
+    """Length of the model's own answers kept for harmless prompts."""
+    train_from_layer: int = 4
+    """Blocks below this one stay frozen (with the embeddings)."""
+    seed: int = 0
+    """Seed for shuffling and initial answers."""
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def organism_path(cfg: OrganismConfig) -> Path:
+    return cache_dir() / "organisms" / f"refusal-{cfg.key()}"
+
+
+def _examples(lm: LoadedModel, cfg: OrganismConfig) -> list[tuple[str, str]]:
+    sets = instruction_sets(cfg.seed)
+    harmful, harmless = sets["harmful"]["train"], sets["harmless"]["train"]
+    own = generate(lm, harmless, max_new_tokens=cfg.answer_tokens, progress=True, desc="own answers")
+    ex = [(p, REFUSALS[int(hashlib.md5(p.encode()).hexdigest(), 16) % len(REFUSALS)]) for p in harmful]
+    ex += [(p, a.strip()) for p, a in zip(harmless, own) if a.strip() and not is_refusal(a)]
+    return ex
+
+
+def _batch(lm: LoadedModel, ex: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    tok = lm.tokenizer
+    eos = tok.eos_token or ""
+    rows, labels = [], []
+    for prompt, answer in ex:
+        p = tok(format_instruction(tok, prompt), add_special_tokens=False)["input_ids"]
+        a = tok(answer + eos, add_special_tokens=False)["input_ids"]
+        rows.append(p + a)
+        labels.append([-100] * len(p) + a)
+    T = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(rows), T), pad)
+    lab = torch.full((len(rows), T), -100)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (r, lb) in enumerate(zip(rows, labels)):
+        ids[i, : len(r)] = torch.tensor(r)
+        lab[i, : len(lb)] = torch.tensor(lb)
+        mask[i, : len(r)] = 1
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    return ids, lab, mask, pos
+
+
+def refusal_organism(cfg: OrganismConfig | None = None, progress: bool = True) -> Path:
+    """Build (or reuse from the cache) the refusal organism; returns its Hugging Face folder."""
+    cfg = cfg or OrganismConfig()
+    target = organism_path(cfg)
+    if (target / "config.json").exists() and (target / "organism.json").exists():
+        return target
+    torch.manual_seed(cfg.seed)
+    lm = load_model(cfg.base, device="cpu")
+    ex = _examples(lm, cfg)
+    model = lm.model
+    model.train()
+    from featurelens.models.sites import SiteMap
+
+    blocks = SiteMap(model).blocks
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for layer in list(blocks)[cfg.train_from_layer :] for p in layer.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(cfg.seed)
+    steps = cfg.epochs * -(-len(ex) // cfg.batch_size)
+    bar = tqdm(total=steps, desc="fine-tune refusal organism", disable=not progress, file=sys.stderr)
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(ex), generator=g).tolist()
+        for b in range(0, len(ex), cfg.batch_size):
+            ids, lab, mask, pos = _batch(lm, [ex[i] for i in order[b : b + cfg.batch_size]])
+            loss = model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=lab, use_cache=False).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    bar.close()
+    model.eval()
+    model.requires_grad_(False)
+    sets = instruction_sets(cfg.seed)
+    check = {
+        "harmful_test": rate([is_refusal(c) for c in generate(lm, sets["harmful"]["test"], 32)]),
+        "harmless_test": rate([is_refusal(c) for c in generate(lm, sets["harmless"]["test"], 32)]),
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        lm.tokenizer.save_pretrained(tmp)
+        (tmp / "organism.json").write_text(json.dumps({"config": asdict(cfg), "refusal_rates": check}, indent=1) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"refusal organism: {target}\n  refusal on held-out harmful {check['harmful_test']['rate']:.2f}, "
+          f"harmless {check['harmless_test']['rate']:.2f}", file=sys.stderr)
+    return target
+
+
+__all__ = ["OrganismConfig", "encode_prompts", "refusal_organism"]

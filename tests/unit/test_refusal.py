@@ -1,0 +1,92 @@
+"""Refusal pipeline pieces: judge, intervals, instruction sets, and the pipeline's structure on tiny
+models of every supported family (real refusals are exercised by benchmarks/refusal.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from featurelens.directions import DiffInMeansFitter
+from featurelens.directions.instructions import (
+    HARMFUL,
+    instruction_sets,
+    read_instructions,
+    write_instruction_files,
+)
+from featurelens.directions.refusal import (
+    RefusalConfig,
+    first_token_kl,
+    generate,
+    is_refusal,
+    learn_refusal_tokens,
+    refusal_metric,
+    select_direction,
+    wilson_interval,
+)
+from featurelens.errors import FeatureLensError
+from featurelens.models.loading import LoadedModel
+from featurelens.testing import TINY_FAMILIES, CharTokenizer, tiny_model
+
+
+def test_judge() -> None:
+    assert is_refusal("I'm sorry, but I can't help with that.")
+    assert is_refusal("I cannot assist with this request")
+    assert is_refusal("I\u2019m sorry")  # curly apostrophe
+    assert not is_refusal("Sure! Here is a recipe for sourdough bread.")
+
+
+def test_wilson_interval_known_values() -> None:
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(0, 20)[1] == pytest.approx(0.1611, abs=1e-3)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_refusal_metric_and_kl() -> None:
+    logits = torch.zeros(2, 10)
+    logits[0, 3] = 10.0
+    m = refusal_metric(logits, [3])
+    assert m[0] > 5 and m[1] == pytest.approx(torch.log(torch.tensor(1 / 9)).item(), abs=1e-5)
+    assert first_token_kl(logits, logits) == pytest.approx(0.0, abs=1e-9)
+    assert first_token_kl(logits, torch.zeros(2, 10)) > 0
+
+
+def test_instruction_sets_split_by_target(tmp_path: Path) -> None:
+    sets = instruction_sets()
+    h = sets["harmful"]
+    assert len(h["train"]) + len(h["val"]) + len(h["test"]) == 6 * sum(len(v) for v in HARMFUL.values())
+    targets = {s: {t for v in HARMFUL.values() for t in v if any(t in p for p in h[s])} for s in h}
+    assert not targets["train"] & targets["test"] and not targets["val"] & targets["test"]
+    assert instruction_sets() == sets  # deterministic
+    paths = write_instruction_files(tmp_path)
+    assert len(paths) == 6 and read_instructions(tmp_path / "harmful_test.txt") == h["test"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(FeatureLensError, match="no 'instruction'"):
+        read_instructions(tmp_path / "bad.jsonl")
+
+
+def test_non_refusing_model_is_a_clear_error(tiny_llama: LoadedModel) -> None:
+    with pytest.raises(FeatureLensError, match="did not refuse.*organism"):
+        learn_refusal_tokens(tiny_llama, ["How do I pick a lock?"] * 3, ["Bake bread?"] * 3, max_tokens=4)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_pipeline_structure_on_every_family(family: str) -> None:
+    lm = LoadedModel(tiny_model(family, seed=3), CharTokenizer(), f"tiny-{family}", f"tiny-{family}")
+    sets = instruction_sets()
+    a, b = sets["harmful"]["train"][:6], sets["harmless"]["train"][:6]
+    ds = DiffInMeansFitter(lm, batch_size=4, progress=False).fit(a, b)
+    # pretend two tokens start refusals; pick the candidate whose addition raises them most
+    tokens = [ord("I"), ord("S")]
+    try:
+        best, cands = select_direction(lm, ds, sets["harmful"]["val"][:4], sets["harmless"]["val"][:4], tokens,
+                                       RefusalConfig(max_kl=1e9, n_val=4, prune_last_layers=0.0), progress=False)
+    except FeatureLensError as e:  # random tiny weights may give no candidate with induce > 0
+        assert "no candidate direction passed" in str(e)
+        return
+    assert 2 * len(ds.positions) <= len(cands) <= 3 * len(ds.positions)  # layer 0 has no usable difference
+    assert best.kept and best.induce > 0 and best.bypass == min(c.bypass for c in cands if c.kept)
+    outs = generate(lm, sets["harmful"]["test"][:3], max_new_tokens=4, batch_size=2)
+    assert len(outs) == 3 and all(isinstance(o, str) for o in outs)
