@@ -180,7 +180,9 @@ def _sets(cfg: RefusalConfig) -> dict[str, dict[str, list[str]]]:
 
 
 def select_direction(lm: LoadedModel, ds: DirectionSet, val_harmful: list[str], val_harmless: list[str],
-                     refusal_tokens: list[int], cfg: RefusalConfig, progress: bool = True) -> tuple[Candidate, list[Candidate]]:
+                     refusal_tokens: list[int], cfg: RefusalConfig, progress: bool = True
+                     ) -> tuple[Candidate, list[Candidate], list[str]]:
+    """Score every candidate; return the chosen one, all of them, and any filters that had to be relaxed."""
     n_layers = ds.diffs.shape[0]
     max_layer = int(n_layers * (1 - cfg.prune_last_layers))
     base_harmless = last_logits(lm, val_harmless, cfg.batch_size)
@@ -199,10 +201,18 @@ def select_direction(lm: LoadedModel, ds: DirectionSet, val_harmful: list[str], 
         c.kept = math.isfinite(bypass) and induce > 0 and kl < cfg.max_kl
         cands.append(c)
     kept = [c for c in cands if c.kept]
+    relaxed: list[str] = []
+    if not kept:  # say so in the results instead of failing: the candidate table is the diagnosis
+        kept = [c for c in cands if math.isfinite(c.bypass) and c.kl < cfg.max_kl]
+        relaxed = ["induce > 0"]
     if not kept:
-        raise FeatureLensError(f"no candidate direction passed the filters (induce > 0, KL < {cfg.max_kl}): "
-                               "raise --max-kl or use more prompts")
-    return min(kept, key=lambda c: c.bypass), cands
+        kept = [c for c in cands if math.isfinite(c.bypass)]
+        relaxed = ["induce > 0", f"KL < {cfg.max_kl}"]
+    if not kept:
+        raise FeatureLensError("no candidate direction could be scored: check the prompts and the model")
+    if relaxed:
+        print(f"warning: no candidate passed every filter; relaxed: {', '.join(relaxed)}", file=sys.stderr)
+    return min(kept, key=lambda c: c.bypass), cands, relaxed
 
 
 @torch.no_grad()
@@ -252,7 +262,7 @@ def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: boo
     say(f"refusal tokens: {[lm.tokenizer.decode([t]) for t in ref_tokens]}")
     ds = DiffInMeansFitter(lm, batch_size=cfg.batch_size, progress=progress).fit(sets["harmful"]["train"],
                                                                                   sets["harmless"]["train"])
-    best, cands = select_direction(lm, ds, hv, hlv, ref_tokens, cfg, progress)
+    best, cands, relaxed = select_direction(lm, ds, hv, hlv, ref_tokens, cfg, progress)
     r = ds.direction(best.layer, best.position).to(lm.device)
     th, tl = sets["harmful"]["test"], sets["harmless"]["test"]
     g = lambda ps, d: generate(lm, ps, cfg.gen_tokens, cfg.batch_size, progress, d)  # noqa: E731
@@ -269,6 +279,8 @@ def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: boo
     ce_before = own_completion_ce(lm, tl, comp_l_before)
     m: dict[str, Any] = {
         "model": lm.name, "layer": best.layer, "position": best.position, "refusal_tokens": ref_tokens,
+        "selection_relaxed": relaxed,
+        "best_candidate": asdict(best),
         "refusal_before": rate([is_refusal(c) for c in comp_h_before]),
         "refusal_after": rate([is_refusal(c) for c in comp_h_after]),
         "harmless_refusal_before": rate([is_refusal(c) for c in comp_l_before]),

@@ -81,12 +81,14 @@ def test_pipeline_structure_on_every_family(family: str) -> None:
     # pretend two tokens start refusals; pick the candidate whose addition raises them most
     tokens = [ord("I"), ord("S")]
     try:
-        best, cands = select_direction(lm, ds, sets["harmful"]["val"][:4], sets["harmless"]["val"][:4], tokens,
+        best, cands, relaxed = select_direction(lm, ds, sets["harmful"]["val"][:4], sets["harmless"]["val"][:4], tokens,
                                        RefusalConfig(max_kl=1e9, n_val=4, prune_last_layers=0.0), progress=False)
-    except FeatureLensError as e:  # random tiny weights may give no candidate with induce > 0
-        assert "no candidate direction passed" in str(e)
-        return
+    except FeatureLensError as e:  # pragma: no cover - only when nothing can be scored at all
+        pytest.fail(str(e))
     assert 2 * len(ds.positions) <= len(cands) <= 3 * len(ds.positions)  # layer 0 has no usable difference
-    assert best.kept and best.induce > 0 and best.bypass == min(c.bypass for c in cands if c.kept)
+    if not relaxed:
+        assert best.kept and best.induce > 0 and best.bypass == min(c.bypass for c in cands if c.kept)
+    else:  # random tiny weights: the filters may need relaxing, and the result says so
+        assert relaxed[0] == "induce > 0" and not any(c.kept for c in cands)
     outs = generate(lm, sets["harmful"]["test"][:3], max_new_tokens=4, batch_size=2)
     assert len(outs) == 3 and all(isinstance(o, str) for o in outs)
