@@ -51,3 +51,17 @@ def test_store_command_on_missing_store(capsys: pytest.CaptureFixture[str], tmp_
 def test_python_dash_m_entry_point() -> None:
     res = subprocess.run([sys.executable, "-m", "featurelens", "--version"], capture_output=True, text=True)
     assert res.returncode == 0 and "featurelens" in res.stdout
+
+
+def test_train_grid_expands_architectures_and_settings() -> None:
+    from featurelens.cli import TrainSource, _grid
+
+    specs = _grid(TrainSource(arch="topk,relu", width="256,512", k="8,16", sparsity_coeff="1,3"))
+    names = sorted(s.default_name() for s in specs)
+    assert len(specs) == 2 * 2 * 2 * 2 and len(set(names)) == len(names)
+    assert "topk-w512-k16" in names and "relu-w256-c3" in names
+
+
+def test_train_command_needs_a_source(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--arch", "topk"]) == 2
+    assert "--acts STORE" in capsys.readouterr().err
