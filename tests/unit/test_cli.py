@@ -58,7 +58,7 @@ def test_train_grid_expands_architectures_and_settings() -> None:
 
     specs = _grid(TrainSource(arch="topk,relu", width="256,512", k="8,16", sparsity_coeff="1,3"))
     names = sorted(s.default_name() for s in specs)
-    assert len(specs) == 2 * 2 * 2 * 2 and len(set(names)) == len(names)
+    assert len(specs) == 2 * 2 + 2 * 2 and len(set(names)) == len(names)  # k for topk, coeff for relu
     assert "topk-w512-k16" in names and "relu-w256-c3" in names
 
 
