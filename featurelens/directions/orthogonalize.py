@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from featurelens.atomic import atomic_dir
 from featurelens.models.sites import SiteMap
 
 
@@ -63,22 +64,9 @@ def _untie_lm_head(model: Any) -> None:
 
 def export_model(model: nn.Module, tokenizer: Any, path: str | Path, note: dict[str, Any] | None = None) -> Path:
     """Save a plain Hugging Face folder (safetensors, config, tokenizer) loadable without featurelens."""
-    import os
-    import shutil
-    import tempfile
-
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "featurelens_edit.json").write_text(json.dumps(note or {}, indent=1) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return Path(path)

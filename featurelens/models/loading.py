@@ -16,8 +16,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 
 import torch
 
+from featurelens.atomic import atomic_dir
 from featurelens.errors import FeatureLensError
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -162,23 +161,15 @@ def _converted_gguf(path: Path) -> Path:
     if (target / "config.json").exists() and (target / ".complete").exists():
         return target
     model, tok = _from_pretrained(str(path.parent), torch.float32, gguf_file=path.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        # The dequantized weights are plain tensors; drop the GGUF quantizer marker so HF will save them.
-        if hasattr(model, "hf_quantizer"):
-            model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+    # The dequantized weights are plain tensors; drop the GGUF quantizer marker so HF will save them.
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / ".complete").write_text(json.dumps({"source": str(path)}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -27,6 +25,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from featurelens.atomic import atomic_dir
 from featurelens.errors import FeatureLensError
 
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -270,19 +269,10 @@ class SAE(nn.Module):
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``cfg.json`` + ``sae_weights.safetensors`` to a folder (temp folder, then rename)."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_dir(path) as tmp:
             save_file(self.weights_for_saving(), str(tmp / WEIGHTS_FILE))
             (tmp / CONFIG_FILE).write_text(json.dumps(self.saelens_config(), indent=1) + "\n")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return target
+        return Path(path)
 
     @classmethod
     def from_config(cls, cfg: SAEConfig) -> SAE:

@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from featurelens.atomic import atomic_dir
 from featurelens.errors import FeatureLensError
 from featurelens.saes.base import SAE, LossContext, SAEConfig
 from featurelens.saes.matryoshka import default_prefixes
@@ -251,8 +251,17 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.rank != 0:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".ckpt.tmp-", dir=self.out))
+        name = f"checkpoint-{self.step:08d}"
+        with atomic_dir(self.out / name) as tmp:
+            self._write_checkpoint(tmp)
+        ptr = self.out / ".latest.json.tmp"
+        ptr.write_text(json.dumps({"checkpoint": name, "step": self.step, "config_hash": self.hash}))
+        os.replace(ptr, self.out / "latest.json")
+        for old in self.out.glob("checkpoint-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _write_checkpoint(self, tmp: Path) -> None:
         state: dict[str, Any] = {"step": self.step, "scale": self.scale, "config_hash": self.hash, "runs": []}
         for i, r in enumerate(self.runs):
             tensors = {f"param.{k}": v.detach().cpu().contiguous() for k, v in r.sae.state_dict().items()}
@@ -271,17 +280,6 @@ class Trainer:
             state["runs"].append({"name": r.name, "coeff_mult": r.coeff_mult, "last_p": r.last_p,
                                   "window_tokens": r.window_tokens, "cfg": dataclasses.asdict(r.sae.cfg)})
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        name = f"checkpoint-{self.step:08d}"
-        final = self.out / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        ptr = self.out / ".latest.json.tmp"
-        ptr.write_text(json.dumps({"checkpoint": name, "step": self.step, "config_hash": self.hash}))
-        os.replace(ptr, self.out / "latest.json")
-        for old in self.out.glob("checkpoint-*"):
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
         state = json.loads((path / "state.json").read_text())
