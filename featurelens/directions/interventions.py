@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from featurelens.models.hooks import replace_input_hook, replace_output_hook
 from featurelens.models.sites import SiteMap
 
 
@@ -29,33 +30,9 @@ def _unit(v: Tensor) -> Tensor:
     return v / n
 
 
-def _first(x: Any) -> Tensor:
-    return x[0] if isinstance(x, (tuple, list)) else x
-
-
 def _project_out(x: Tensor, r: Tensor) -> Tensor:
     r = r.to(x.dtype)
     return x - (x @ r).unsqueeze(-1) * r
-
-
-def _out_hook(fn: Any) -> Any:
-    def hook(_m: nn.Module, _a: Any, out: Any) -> Any:
-        if isinstance(out, tuple):
-            return (fn(out[0]), *out[1:])
-        return fn(out)
-
-    return hook
-
-
-def _pre_hook(fn: Any) -> Any:
-    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if args:
-            return (fn(args[0]), *args[1:]), kwargs
-        kwargs = dict(kwargs)
-        kwargs["hidden_states"] = fn(kwargs["hidden_states"])
-        return args, kwargs
-
-    return hook
 
 
 @contextmanager
@@ -81,9 +58,9 @@ def directional_ablation(model: nn.Module, direction: Tensor, layers: Sequence[i
         block = sm.blocks[layer]
         attn, _ = sm.module(sm.parse(f"blocks.{layer}.hook_attn_out"))
         mlp, _ = sm.module(sm.parse(f"blocks.{layer}.hook_mlp_out"))
-        regs.append(lambda b=block: b.register_forward_pre_hook(_pre_hook(fn), with_kwargs=True))
-        regs.append(lambda m=attn: m.register_forward_hook(_out_hook(fn)))
-        regs.append(lambda m=mlp: m.register_forward_hook(_out_hook(fn)))
+        regs.append(lambda b=block: b.register_forward_pre_hook(replace_input_hook(fn), with_kwargs=True))
+        regs.append(lambda m=attn: m.register_forward_hook(replace_output_hook(fn)))
+        regs.append(lambda m=mlp: m.register_forward_hook(replace_output_hook(fn)))
     with _hooks(regs):
         yield
 
@@ -100,7 +77,7 @@ def writer_ablation(model: nn.Module, direction: Tensor) -> Iterator[None]:
     r = _unit(direction).to(next(model.parameters()).device)
     fn = lambda x: _project_out(x, r)  # noqa: E731
     mods = sm.embedding_modules() + [m for layer in range(sm.n_layers) for m in sm.writer_modules(layer)]
-    with _hooks([lambda m=m: m.register_forward_hook(_out_hook(fn)) for m in mods]):
+    with _hooks([lambda m=m: m.register_forward_hook(replace_output_hook(fn)) for m in mods]):
         yield
 
 
@@ -110,7 +87,7 @@ def activation_addition(model: nn.Module, vector: Tensor, layer: int, coeff: flo
     sm = SiteMap(model)
     v = (coeff * vector.detach()).to(next(model.parameters()).device)
     fn = lambda x: x + v.to(x.dtype)  # noqa: E731
-    with _hooks([lambda: sm.blocks[layer].register_forward_pre_hook(_pre_hook(fn), with_kwargs=True)]):
+    with _hooks([lambda: sm.blocks[layer].register_forward_pre_hook(replace_input_hook(fn), with_kwargs=True)]):
         yield
 
 
@@ -123,11 +100,11 @@ def steering(model: nn.Module, vector: Tensor, site: str, coeff: float = 1.0) ->
     v = (coeff * vector.detach()).to(next(model.parameters()).device)
     fn = lambda x: x + v.to(x.dtype)  # noqa: E731
     if where == "pre":
-        reg = lambda: mod.register_forward_pre_hook(_pre_hook(fn), with_kwargs=True)  # noqa: E731
+        reg = lambda: mod.register_forward_pre_hook(replace_input_hook(fn), with_kwargs=True)  # noqa: E731
     else:
-        reg = lambda: mod.register_forward_hook(_out_hook(fn))  # noqa: E731
+        reg = lambda: mod.register_forward_hook(replace_output_hook(fn))  # noqa: E731
     with _hooks([reg]):
         yield
 
 
-__all__ = ["activation_addition", "directional_ablation", "steering", "writer_ablation", "_first"]
+__all__ = ["activation_addition", "directional_ablation", "steering", "writer_ablation"]

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from featurelens.models.hooks import replace_input_hook, replace_output_hook
 from featurelens.models.sites import Site, SiteMap
 
 Replacement = Callable[[Tensor], Tensor]
@@ -42,21 +43,9 @@ def replace_site(model: nn.Module, site: str | Site, fn: Replacement, mask: Tens
         return out
 
     if where == "pre":
-        def pre_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if args:
-                return (swap(args[0]), *args[1:]), kwargs
-            kwargs = dict(kwargs)
-            kwargs["hidden_states"] = swap(kwargs["hidden_states"])
-            return args, kwargs
-
-        handle = mod.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        handle = mod.register_forward_pre_hook(replace_input_hook(swap), with_kwargs=True)
     else:
-        def out_hook(_m: nn.Module, _a: Any, out: Any) -> Any:
-            if isinstance(out, tuple):
-                return (swap(out[0]), *out[1:])
-            return swap(out)
-
-        handle = mod.register_forward_hook(out_hook)
+        handle = mod.register_forward_hook(replace_output_hook(swap))
     try:
         yield
     finally:

@@ -19,6 +19,31 @@ def _first(x: Any) -> torch.Tensor:
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
+def replace_input_hook(fn: Any) -> Any:
+    """A ``register_forward_pre_hook(..., with_kwargs=True)`` hook replacing the module's first input
+    (positional or ``hidden_states=``) by ``fn(input)``."""
+
+    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if args:
+            return (fn(args[0]), *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = fn(kwargs["hidden_states"])
+        return args, kwargs
+
+    return hook
+
+
+def replace_output_hook(fn: Any) -> Any:
+    """A ``register_forward_hook`` hook replacing the module's output (or its first element) by ``fn(output)``."""
+
+    def hook(_m: nn.Module, _a: Any, out: Any) -> Any:
+        if isinstance(out, tuple):
+            return (fn(out[0]), *out[1:])
+        return fn(out)
+
+    return hook
+
+
 class ActivationCapture:
     """Context manager holding capture hooks for a set of sites; removes them in ``finally``.
 
