@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -35,6 +34,7 @@ from featurelens.activations.store import (
 )
 from featurelens.data.corpora import iter_texts
 from featurelens.data.tokenize import Contexts, pack_contexts
+from featurelens.distributed import barrier, rank_and_world
 from featurelens.errors import FeatureLensError
 from featurelens.models.hooks import ActivationCapture
 from featurelens.models.loading import LoadedModel, load_model
@@ -86,27 +86,6 @@ class HarvestConfig:
         return [s.strip() for s in self.sites.split(",") if s.strip()]
 
 
-def _dist_info() -> tuple[int, int]:
-    """(rank, world_size); initialises torch.distributed when launched by torchrun."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and dist.is_available():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 over the vocabulary and special tokens; 'none' when there is no tokenizer."""
     if tokenizer is None:
@@ -124,7 +103,7 @@ def harvest(cfg: HarvestConfig, model: LoadedModel | None = None, contexts: Cont
     ``model`` and ``contexts`` may be given to reuse a loaded model or pre-tokenized text (the
     tokenizer is then not needed). Resumes an interrupted harvest of the same plan.
     """
-    rank, world = _dist_info()
+    rank, world = rank_and_world()
     dtype = storage_dtype(cfg.dtype)
     root = Path(cfg.out)
     if cfg.tokens <= 0:
@@ -188,7 +167,7 @@ def harvest(cfg: HarvestConfig, model: LoadedModel | None = None, contexts: Cont
     }
     if rank == 0:
         _prepare_root(root, plan, cfg.overwrite)
-    _barrier(world)
+    barrier(world)
     if rank != 0:
         _prepare_root(root, plan, overwrite=False)
 
@@ -203,7 +182,7 @@ def harvest(cfg: HarvestConfig, model: LoadedModel | None = None, contexts: Cont
         all_todo = int(sum(keep_rows[s * per_shard : (s + 1) * per_shard].sum() for s in range(n_shards) if s not in done))
         check_disk_space(root, all_todo * bytes_per_token(site_dims, dtype, cfg.store_tokens))
         writer.clean_temporaries()
-    _barrier(world)
+    barrier(world)
 
     device = model.device
     bar = tqdm(total=todo_rows, unit="tok", unit_scale=True, desc=f"harvest {','.join(site_dims)}",
@@ -234,13 +213,13 @@ def harvest(cfg: HarvestConfig, model: LoadedModel | None = None, contexts: Cont
             )
     bar.close()
     elapsed = time.perf_counter() - t0
-    _barrier(world)
+    barrier(world)
     if rank == 0:
         info = dict(plan)
         info["harvest_seconds_last_run"] = round(elapsed, 3)
         info["config"] = asdict(cfg)
         writer.finalize(n_shards, info)
-    _barrier(world)
+    barrier(world)
     return ActivationStore(root)
 
 

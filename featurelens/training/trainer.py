@@ -30,6 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from featurelens.atomic import atomic_dir
+from featurelens.distributed import barrier, rank_and_world
 from featurelens.errors import FeatureLensError
 from featurelens.saes.base import SAE, LossContext, SAEConfig
 from featurelens.saes.matryoshka import default_prefixes
@@ -159,17 +160,6 @@ class _Run:
     log: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _all_reduce(t: Tensor, world: int, op: str = "sum") -> Tensor:
     if world > 1:
         import torch.distributed as dist
@@ -219,7 +209,7 @@ class Trainer:
             if s.arch in ("topk", "batchtopk", "matryoshka") and not 0 < s.k <= s.width:
                 raise FeatureLensError(f"k={s.k} must be between 1 and width={s.width}")
         self.specs, self.cfg, self.d_in, self.meta = specs, cfg, d_in, meta or SAEMeta()
-        self.rank, self.world = _dist()
+        self.rank, self.world = rank_and_world()
         from featurelens.models.loading import resolve_device
 
         self.device = resolve_device(cfg.device)
@@ -354,7 +344,7 @@ class Trainer:
                                 dead=f"{first.get('dead_frac', 0):.2f}", tok_s=f"{rate:.0f}")
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                 self.save_checkpoint()
-                _barrier(self.world)
+                barrier(self.world)
         bar.close()
         self.save_checkpoint()
         return self.finish()
@@ -440,7 +430,7 @@ class Trainer:
             if self.rank == 0:
                 sae.save(self.out / r.name)
             out.append(sae)
-        _barrier(self.world)
+        barrier(self.world)
         return out
 
 
@@ -454,13 +444,6 @@ def _all_gather_rows(x: Tensor, world: int) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 def _chain(head: list[Tensor], it: Iterator[Tensor]) -> Iterator[Tensor]:
