@@ -141,6 +141,8 @@ class SAE(nn.Module):
     """Name used in SAELens' ``architecture`` field for the saved (inference) form."""
     unit_norm_decoder: ClassVar[bool] = False
     """Keep decoder rows at unit norm during training (renormalise after each step)."""
+    zero_init: ClassVar[tuple[str, ...]] = ("b_enc", "b_dec")
+    """Parameters that :meth:`reset_parameters` sets to zero (those that exist yet)."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -162,8 +164,9 @@ class SAE(nn.Module):
             w = w / w.norm(dim=-1, keepdim=True) * dec_norm
             self.W_dec.copy_(w)
             self.W_enc.copy_(w.T)
-            self.b_enc.zero_()
-            self.b_dec.zero_()
+            for name in self.zero_init:
+                if hasattr(self, name):  # subclasses add some of theirs after the base __init__ runs
+                    getattr(self, name).zero_()
 
     def init_from_data(self, x: Tensor, method: str = "geometric_median") -> None:
         """Set ``b_dec`` from a data sample (``geometric_median``, ``mean`` or ``zeros``)."""

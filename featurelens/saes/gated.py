@@ -39,6 +39,7 @@ class GatedSAE(SAE):
     architecture: ClassVar[str] = "gated"
     saelens_architecture: ClassVar[str] = "gated"
     unit_norm_decoder: ClassVar[bool] = True
+    zero_init: ClassVar[tuple[str, ...]] = ("b_dec", "b_gate", "r_mag", "b_mag")
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
@@ -46,17 +47,6 @@ class GatedSAE(SAE):
         self.b_gate = nn.Parameter(torch.zeros(cfg.d_sae))
         self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
-
-    def reset_parameters(self, gen: torch.Generator, dec_norm: float = 1.0) -> None:
-        with torch.no_grad():
-            w = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=gen)
-            w = w / w.norm(dim=-1, keepdim=True) * dec_norm
-            self.W_dec.copy_(w)
-            self.W_enc.copy_(w.T)
-            self.b_dec.zero_()
-            for name in ("b_gate", "r_mag", "b_mag"):
-                if hasattr(self, name):
-                    getattr(self, name).zero_()
 
     def _centred(self, x: Tensor) -> Tensor:
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
