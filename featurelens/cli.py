@@ -144,24 +144,15 @@ def _grid(src: TrainSource) -> list:
 
 def _cmd_train(ns: argparse.Namespace) -> int:
     from featurelens.activations.store import ActivationStore
-    from featurelens.models.sites import parse_site
-    from featurelens.training import SAEMeta, TrainConfig, Trainer
+    from featurelens.training import SAEMeta, TrainConfig, Trainer, store_trainer
 
     src = dataclass_from_args(TrainSource, ns)
     cfg = dataclass_from_args(TrainConfig, ns)
     specs = _grid(src)
     if src.acts:
         store = ActivationStore(src.acts)
-        site = src.site or None
-        d_in = store.d(site)
-        site_name = site or store.sites[0]
-        meta = SAEMeta(hook_name=site_name, model_name=str(store.manifest.get("model", "")),
-                       context_size=int(store.manifest.get("context_length", 128)), hook_layer=parse_site(site_name).layer)
-        trainer = Trainer(specs, cfg, d_in, meta)
-        per_rank = cfg.batch_size // trainer.world
-        epochs = -(-cfg.steps * cfg.batch_size // max(1, store.n_tokens)) + 1
-        batches = store.batches(site, batch_size=per_rank, seed=cfg.seed, rank=trainer.rank,
-                                world_size=trainer.world, epochs=epochs)
+        site = store.resolve_site(src.site or None)  # a multi-site store needs --site
+        trainer, batches = store_trainer(store, site, specs, cfg)
     else:
         if not (src.model and src.site):
             raise FeatureLensError("give --acts STORE, or --model M and --site S to stream activations from a model")
@@ -199,8 +190,7 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
 def _cmd_sweep(ns: argparse.Namespace) -> int:
     from featurelens.activations.store import ActivationStore
     from featurelens.evaluation.run import EvalConfig, evaluate
-    from featurelens.models.sites import parse_site
-    from featurelens.training import SAEMeta, TrainConfig, Trainer
+    from featurelens.training import TrainConfig, store_trainer
 
     src = dataclass_from_args(TrainSource, ns)
     cfg = dataclass_from_args(TrainConfig, ns)
@@ -208,12 +198,8 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
         raise FeatureLensError("sweep trains from an activation store: pass --acts STORE (see `featurelens harvest`)")
     store = ActivationStore(src.acts)
     site = src.site or store.sites[0]
-    meta = SAEMeta(hook_name=site, model_name=str(store.manifest.get("model", "")),
-                   context_size=int(store.manifest.get("context_length", 128)), hook_layer=parse_site(site).layer)
-    trainer = Trainer(_grid(src), cfg, store.d(site), meta)
-    epochs = -(-cfg.steps * cfg.batch_size // max(1, store.n_tokens)) + 1
-    saes = trainer.train(store.batches(site, batch_size=cfg.batch_size // trainer.world, seed=cfg.seed,
-                                       rank=trainer.rank, world_size=trainer.world, epochs=epochs))
+    trainer, batches = store_trainer(store, site, _grid(src), cfg)
+    saes = trainer.train(batches)
     if trainer.rank != 0:
         return 0
     ecfg = EvalConfig(model=str(store.manifest.get("model_spec") or store.manifest.get("model")), site=site,

@@ -21,8 +21,7 @@ if TYPE_CHECKING:
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from featurelens.evaluation.run import EvalConfig, evaluate
     from featurelens.models.loading import load_model
-    from featurelens.models.sites import parse_site
-    from featurelens.training import SAEMeta, SAESpec, TrainConfig, Trainer
+    from featurelens.training import SAESpec, TrainConfig, store_trainer
 
     out = Path(cfg.out)
     times: dict[str, float] = {}
@@ -33,13 +32,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     times["harvest_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    meta = SAEMeta(hook_name=cfg.site, model_name=lm.name, context_size=int(store.manifest["context_length"]),
-                   hook_layer=parse_site(cfg.site).layer)
     tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, out=str(out / "saes"), device=cfg.device,
                        checkpoint_every=200, log_every=50, dead_tokens=cfg.steps * cfg.batch_size // 4)
-    trainer = Trainer([SAESpec(arch="topk", width=cfg.width, k=cfg.k)], tcfg, store.d(cfg.site), meta)
-    epochs = -(-cfg.steps * cfg.batch_size // store.n_tokens) + 1
-    (sae,) = trainer.train(store.batches(cfg.site, batch_size=cfg.batch_size, seed=0, epochs=epochs))
+    trainer, batches = store_trainer(store, cfg.site, [SAESpec(arch="topk", width=cfg.width, k=cfg.k)], tcfg)
+    (sae,) = trainer.train(batches)
     times["train_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()

@@ -240,7 +240,7 @@ class ActivationStore:
         return list(self.manifest["sites"])
 
     def d(self, site: str | None = None) -> int:
-        return int(self.manifest["sites"][self._site(site)])
+        return int(self.manifest["sites"][self.resolve_site(site)])
 
     @property
     def dtype(self) -> str:
@@ -254,7 +254,7 @@ class ActivationStore:
     def n_shards(self) -> int:
         return len(self.manifest["shards"])
 
-    def _site(self, site: str | None) -> str:
+    def resolve_site(self, site: str | None) -> str:
         if site is None:
             if len(self.sites) != 1:
                 raise FeatureLensError(f"store {self.root} holds several sites {self.sites}: name one")
@@ -293,7 +293,7 @@ class ActivationStore:
 
     def shard(self, site: str | None, i: int) -> np.ndarray:
         """Memory-mapped raw array of shard ``i`` at ``site`` (storage dtype)."""
-        site = self._site(site)
+        site = self.resolve_site(site)
         rec = self.manifest["shards"][i]
         return self._open(f"acts/{site_dir(site)}/{shard_name(rec['index'])}.npy", rec)
 
@@ -347,7 +347,7 @@ class ActivationStore:
         (r+1)*batch_size)`` of each, so all ranks take the same number of steps and together see
         exactly what one process with the global batch would see.
         """
-        site = self._site(site)
+        site = self.resolve_site(site)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         gb = batch_size * world_size

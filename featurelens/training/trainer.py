@@ -463,6 +463,20 @@ def _maybe_wandb(cfg: TrainConfig, runs: list[_Run]) -> Any:
                                                          "saes": [dataclasses.asdict(r.spec) for r in runs]})
 
 
+def store_trainer(store: Any, site: str, specs: list[SAESpec], cfg: TrainConfig) -> tuple[Trainer, Iterator[Tensor]]:
+    """A :class:`Trainer` for ``specs`` on ``site`` of an activation store, and this rank's batch stream
+    (seeded by ``cfg.seed``, enough epochs for ``cfg.steps``)."""
+    from featurelens.models.sites import parse_site
+
+    meta = SAEMeta(hook_name=site, model_name=str(store.manifest.get("model", "")),
+                   context_size=int(store.manifest.get("context_length", 128)), hook_layer=parse_site(site).layer)
+    trainer = Trainer(specs, cfg, store.d(site), meta)
+    epochs = -(-cfg.steps * cfg.batch_size // max(1, store.n_tokens)) + 1
+    batches = store.batches(site, batch_size=cfg.batch_size // trainer.world, seed=cfg.seed, rank=trainer.rank,
+                            world_size=trainer.world, epochs=epochs)
+    return trainer, batches
+
+
 def train_saes(specs: list[SAESpec], batches: Iterable[Tensor], cfg: TrainConfig, d_in: int,
                meta: SAEMeta | None = None, progress: bool = True) -> list[SAE]:
     """Train several SAEs on one batch stream (see :class:`Trainer`); returns the saved SAEs."""
