@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -97,6 +96,3 @@ class DiffInMeansFitter:
         return DirectionSet((mean_a - mean_b).float(), mean_a.float(), mean_b.float(), tuple(range(-n_post, 0)),
                             len(set_a), len(set_b), self.lm.name)
 
-
-def _kw(**kw: Any) -> dict[str, Any]:
-    return kw

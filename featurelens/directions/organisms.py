@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from featurelens.atomic import atomic_dir
 from featurelens.directions.instructions import instruction_sets
-from featurelens.directions.prompts import encode_prompts, format_instruction
+from featurelens.directions.prompts import format_instruction
 from featurelens.directions.refusal import generate, is_refusal, rate
 from featurelens.models.loading import LoadedModel, cache_dir, load_model
 
@@ -138,4 +138,4 @@ def refusal_organism(cfg: OrganismConfig | None = None, progress: bool = True) -
     return target
 
 
-__all__ = ["OrganismConfig", "encode_prompts", "refusal_organism"]
+__all__ = ["OrganismConfig", "refusal_organism"]

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from featurelens.atomic import atomic_dir
@@ -309,7 +309,7 @@ def sae_config_from_dict(d: dict[str, Any]) -> SAEConfig:
 
 def load_state(sae: SAE, weights: dict[str, Tensor], source: Path) -> SAE:
     expected = set(sae.state_dict())
-    missing, unexpected = expected - set(weights), set(weights) - expected
+    missing = expected - set(weights)  # extra tensors in the file are ignored
     if missing:
         raise FeatureLensError(f"{source} lacks tensors {sorted(missing)} for a {sae.architecture} SAE: is the config right?")
     for k in expected:
@@ -318,7 +318,6 @@ def load_state(sae: SAE, weights: dict[str, Tensor], source: Path) -> SAE:
                 f"{source}: tensor {k} has shape {tuple(weights[k].shape)}, expected {tuple(sae.state_dict()[k].shape)}"
             )
     sae.load_state_dict({k: weights[k] for k in expected})
-    del unexpected
     return sae
 
 
@@ -330,6 +329,5 @@ __all__ = [
     "LossContext",
     "geometric_median",
     "load_sae",
-    "load_file",
     "mse_per_token",
 ]
