@@ -220,6 +220,22 @@ def _resolve_model(spec: str) -> str:
     return spec
 
 
+def _cmd_compare(ns: argparse.Namespace) -> int:
+    from featurelens.compare.run import CompareConfig, parse_triples, run_compare
+    from featurelens.models.loading import load_model
+
+    cfg = dataclass_from_args(CompareConfig, ns)
+    specs = {t.model for t in parse_triples(cfg.a, "a") + parse_triples(cfg.b, "b")}
+    preloaded = {s: load_model(_resolve_model(s), device=cfg.device) for s in specs if _resolve_model(s) != s}
+    res = run_compare(cfg, preloaded=preloaded)
+    for e in res["pairs"]:
+        m = e["many_to_one"]
+        print(json.dumps({"a": e["a"], "b": e["b"], "pairs": m["n_pairs"], "mean_act_corr": m["mean_act_corr"],
+                          "svcca": m.get("svcca"), "rsa": m.get("rsa")}))
+    print(f"report: {Path(cfg.out) / 'report.html'}")
+    return 0
+
+
 def _cmd_refusal(ns: argparse.Namespace) -> int:
     from featurelens.directions.refusal import RefusalConfig, run_refusal
 
@@ -299,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
                         description=RefusalConfig.__doc__)
     add_dataclass_args(sp, RefusalConfig)
     sp.set_defaults(func=_cmd_refusal)
+
+    from featurelens.compare.run import CompareConfig
+
+    sp = sub.add_parser("compare", help="compare SAE feature spaces across models/layers (matching, SVCCA, RSA, nulls)",
+                        description=CompareConfig.__doc__)
+    add_dataclass_args(sp, CompareConfig)
+    sp.set_defaults(func=_cmd_compare)
 
     sp = sub.add_parser("organism", help="build a model organism (refusal: SmolLM2 fine-tuned to refuse)",
                         description=OrganismConfig.__doc__)

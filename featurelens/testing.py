@@ -59,8 +59,10 @@ class CharTokenizer:
     bos_token_id = 1
     eos_token_id = 2
 
-    def __init__(self, vocab_size: int = 128) -> None:
+    def __init__(self, vocab_size: int = 128, skip_spaces: bool = False) -> None:
         self.vocab_size = vocab_size
+        self.skip_spaces = skip_spaces
+        """Drop whitespace characters (a second, different tokenization of the same text for alignment tests)."""
 
     @property
     def all_special_ids(self) -> list[int]:
@@ -75,9 +77,14 @@ class CharTokenizer:
         """Characters 3..vocab-1 map to themselves (printable ASCII survives a round trip); others wrap."""
         return [ord(ch) if 3 <= ord(ch) < self.vocab_size else 3 + ord(ch) % (self.vocab_size - 3) for ch in text]
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        ids = self.encode(text)
-        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+    def __call__(self, text: str, add_special_tokens: bool = False,
+                 return_offsets_mapping: bool = False) -> dict[str, list[Any]]:
+        keep = [i for i, ch in enumerate(text) if not (self.skip_spaces and ch.isspace())]
+        ids = self.encode("".join(text[i] for i in keep))
+        out: dict[str, list[Any]] = {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+        if return_offsets_mapping:
+            out["offset_mapping"] = ([(0, 0)] if add_special_tokens else []) + [(i, i + 1) for i in keep]
+        return out
 
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]

@@ -143,6 +143,12 @@ class SAE(nn.Module):
     """Keep decoder rows at unit norm during training (renormalise after each step)."""
     zero_init: ClassVar[tuple[str, ...]] = ("b_enc", "b_dec")
     """Parameters that :meth:`reset_parameters` sets to zero (those that exist yet)."""
+    latent_axes: ClassVar[dict[str, int]] = {"W_enc": 1, "W_dec": 0, "b_enc": 0}
+    """Parameter name -> the axis that indexes latents (resampling resets those slices and their
+    optimizer state)."""
+    resample_enc_factor: ClassVar[float] = 0.2
+    """A resampled latent's encoder norm as a multiple of the mean live encoder norm (0.2 follows
+    Anthropic's *Towards Monosemanticity*; TopK-style SAEs use 1 so new latents can win a top-k slot)."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -223,6 +229,21 @@ class SAE(nn.Module):
     def after_optimizer_step(self) -> None:
         if self.unit_norm_decoder:
             self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def resample(self, idx: Tensor, directions: Tensor, enc_norm: float) -> None:
+        """Point latents ``idx`` at ``directions`` ``[len(idx), d_in]`` (unit norm): decoder rows along them
+        (at the mean live decoder norm), encoder columns along them with norm ``enc_norm``, and every
+        other latent-indexed parameter (biases, gates) back to zero."""
+        live = torch.ones(self.cfg.d_sae, dtype=torch.bool, device=idx.device)
+        live[idx] = False
+        norms = self.W_dec.norm(dim=-1)
+        dec_norm = float(norms[live].mean()) if bool(live.any()) else 1.0
+        self.W_dec[idx] = directions.to(self.W_dec.dtype) * (1.0 if self.unit_norm_decoder else dec_norm)
+        self.W_enc[:, idx] = directions.T.to(self.W_enc.dtype) * enc_norm
+        for name, axis in self.latent_axes.items():
+            if name not in ("W_enc", "W_dec") and name in self.zero_init and hasattr(self, name):
+                getattr(self, name).index_fill_(axis, idx, 0.0)
 
     def update_stats(self, out: SAEOutput) -> None:
         """Update running statistics from a training batch (BatchTopK threshold)."""

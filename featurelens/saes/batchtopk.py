@@ -35,6 +35,7 @@ class BatchTopKSAE(SAE):
     architecture: ClassVar[str] = "batchtopk"
     saelens_architecture: ClassVar[str] = "jumprelu"
     unit_norm_decoder: ClassVar[bool] = True
+    resample_enc_factor: ClassVar[float] = 1.0
     threshold: Tensor
     threshold_initialised: Tensor
 

@@ -40,6 +40,7 @@ class GatedSAE(SAE):
     saelens_architecture: ClassVar[str] = "gated"
     unit_norm_decoder: ClassVar[bool] = True
     zero_init: ClassVar[tuple[str, ...]] = ("b_dec", "b_gate", "r_mag", "b_mag")
+    latent_axes: ClassVar[dict[str, int]] = {"W_enc": 1, "W_dec": 0, "b_gate": 0, "r_mag": 0, "b_mag": 0}
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)

@@ -79,6 +79,7 @@ class TopKSAE(SAE):
     architecture: ClassVar[str] = "topk"
     saelens_architecture: ClassVar[str] = "topk"
     unit_norm_decoder: ClassVar[bool] = True
+    resample_enc_factor: ClassVar[float] = 1.0
     fast: bool = True
     """Use the sparse decode / sparse encoder-backward path (False: dense reference path)."""
 

@@ -115,6 +115,11 @@ class TrainConfig:
     """Adam beta2."""
     dead_tokens: int = 1_000_000
     """A latent that has not fired for this many tokens counts as dead (drives AuxK)."""
+    resample_every: int = 0
+    """Every this many steps, point dead latents at the residuals of badly reconstructed rows of the
+    current batch (Anthropic-style resampling; 0: off; AuxK alone handles dead latents otherwise)."""
+    resample_until: float = 0.5
+    """Fraction of training after which no more resampling happens."""
     normalize: bool = True
     """Scale activations by one scalar so their mean norm is sqrt(d_in); folded into the saved weights."""
     seed: int = 0
@@ -157,6 +162,7 @@ class _Run:
     last_p: float = 1.0
     window_fires: Tensor = field(default_factory=lambda: torch.zeros(0))
     window_tokens: int = 0
+    resampled: int = 0
     log: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -268,7 +274,7 @@ class Trainer:
             tensors["window_fires"] = r.window_fires.cpu()
             save_file(tensors, str(tmp / f"run{i}.safetensors"))
             state["runs"].append({"name": r.name, "coeff_mult": r.coeff_mult, "last_p": r.last_p,
-                                  "window_tokens": r.window_tokens, "cfg": dataclasses.asdict(r.sae.cfg)})
+                                  "window_tokens": r.window_tokens, "resampled": r.resampled, "cfg": dataclasses.asdict(r.sae.cfg)})
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
     def load_checkpoint(self, path: Path) -> None:
@@ -288,6 +294,7 @@ class Trainer:
             r.window_fires = t["window_fires"].to(self.device)
             rs = state["runs"][i]
             r.coeff_mult, r.last_p, r.window_tokens = rs["coeff_mult"], rs["last_p"], rs["window_tokens"]
+            r.resampled = int(rs.get("resampled", 0))
 
     # -- training ---------------------------------------------------------------------------------
     def _estimate_scale(self, first: list[Tensor]) -> float:
@@ -342,6 +349,10 @@ class Trainer:
                 first = self.runs[0].log[-1] if self.runs[0].log else {}
                 bar.set_postfix(fvu=f"{first.get('fvu', float('nan')):.3f}", l0=f"{first.get('l0', float('nan')):.1f}",
                                 dead=f"{first.get('dead_frac', 0):.2f}", tok_s=f"{rate:.0f}")
+            if cfg.resample_every and self.step % cfg.resample_every == 0 and self.step <= cfg.resample_until * cfg.steps:
+                gathered = _all_gather_rows(x, self.world)
+                for r in self.runs:
+                    self._resample(r, gathered)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                 self.save_checkpoint()
                 barrier(self.world)
@@ -402,10 +413,41 @@ class Trainer:
             m[k] = float(stats[4 + i]) / self.world
         return m
 
+    @torch.no_grad()
+    def _resample(self, r: _Run, x: Tensor) -> int:
+        """Re-point dead latents at residual directions of rows drawn with probability proportional to their
+        squared reconstruction error (same draw on every rank); reset their optimizer state. Returns the count."""
+        dead = (r.since_fire >= self.cfg.dead_tokens).nonzero().flatten()
+        if dead.numel() == 0:
+            return 0
+        sae = r.sae
+        resid = x - sae(x).x_hat.float()
+        weight = resid.pow(2).sum(-1)
+        if float(weight.sum()) <= 0:
+            return 0
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
+        n = dead.numel()
+        rows = torch.multinomial(weight.cpu().double(), n, replacement=n > x.shape[0], generator=gen).to(x.device)
+        dirs = resid[rows]
+        dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        live = r.since_fire < self.cfg.dead_tokens
+        enc_norms = sae.W_enc.norm(dim=0)
+        enc_norm = float(enc_norms[live].mean()) if bool(live.any()) else 1.0
+        sae.resample(dead, dirs, sae.resample_enc_factor * enc_norm)
+        params = dict(sae.named_parameters())
+        for name, axis in sae.latent_axes.items():
+            st = r.opt.state.get(params[name], {}) if name in params else {}
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    st[key].index_fill_(axis, dead, 0.0)
+        r.since_fire[dead] = 0
+        r.resampled += n
+        return n
+
     def _log(self, r: _Run, m: dict[str, float], rate: float, wandb_run: Any) -> None:
         freq = r.window_fires / max(1, r.window_tokens)
         rec = {"step": self.step, **m, "dead_frac": float((r.since_fire >= self.cfg.dead_tokens).float().mean()),
-               "dense_frac": float((freq > 0.1).float().mean()), "tokens_per_s": rate}
+               "dense_frac": float((freq > 0.1).float().mean()), "resampled": r.resampled, "tokens_per_s": rate}
         r.window_fires.zero_()
         r.window_tokens = 0
         r.log.append(rec)
