@@ -304,7 +304,7 @@ def _heatmap(mat: np.ndarray, base: np.ndarray, rows: list[str], cols: list[str]
 
 def write_compare_report(out: Path, summary: dict[str, Any], rows: list[str], cols: list[str]) -> Path:
     """``report.html``: a table of every pair and, with several triples per side, heatmaps."""
-    from featurelens.evaluation.report import CSS
+    from featurelens.evaluation.report import write_page
 
     entries = {(e["a"], e["b"]): e for e in summary["pairs"]}
     imgs = []
@@ -333,12 +333,7 @@ def write_compare_report(out: Path, summary: dict[str, Any], rows: list[str], co
              "Scores compare unit-normalised decoder rows of matched latents; 'shuffled' is the mean ± std over "
              f"{summary['config']['draws']} random pairings and p the one-sided permutation p-value.",
              "Heatmap cells: many-to-one paired score (shuffled baseline)."]
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>featurelens compare</title><style>{CSS}</style>"
-            f"</head><body><h1>Feature-space comparison</h1><ul class='small'>"
+    body = ("<h1>Feature-space comparison</h1><ul class='small'>"
             + "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-            + f"</ul><table>{head}{''.join(trs)}</table>{''.join(imgs)}</body></html>")
-    path = out / "report.html"
-    tmp = out / ".report.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    return path
+            + f"</ul><table>{head}{''.join(trs)}</table>{''.join(imgs)}")
+    return write_page(out / "report.html", "featurelens compare", body)

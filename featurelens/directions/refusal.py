@@ -319,7 +319,7 @@ def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: boo
 def _report(out: Any, res: RefusalResult, model_name: str) -> None:
     import html
 
-    from featurelens.evaluation.report import CSS, _plt
+    from featurelens.evaluation.report import _plt, write_page
 
     plt = _plt()
     img = ""
@@ -343,12 +343,11 @@ def _report(out: Any, res: RefusalResult, model_name: str) -> None:
                    if k not in ("examples", "refusal_tokens"))
     ex = "".join(f"<tr><td>{html.escape(e['prompt'])}</td><td>{html.escape(e['before'])}</td><td>{html.escape(e['after'])}</td></tr>"
                  for e in m.get("examples", []))
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>refusal direction: {html.escape(model_name)}</title>"
-            f"<style>{CSS}</style></head><body><h1>Refusal direction of {html.escape(model_name)}</h1>"
-            f"<p>chosen: layer {res.layer}, position {res.position}</p><table>{rows}</table>{img}"
-            f"<h2>Examples (test harmful)</h2><table><tr><th>prompt</th><th>before</th><th>after ablation</th></tr>{ex}</table>"
-            "</body></html>")
-    (out / "report.html").write_text(page, encoding="utf-8")
+    write_page(out / "report.html", f"refusal direction: {model_name}",
+               f"<h1>Refusal direction of {html.escape(model_name)}</h1>"
+               f"<p>chosen: layer {res.layer}, position {res.position}</p><table>{rows}</table>{img}"
+               f"<h2>Examples (test harmful)</h2><table><tr><th>prompt</th><th>before</th><th>after ablation</th></tr>"
+               f"{ex}</table>")
 
 
 def _fmt(v: Any) -> str:

@@ -87,6 +87,18 @@ th { background: #f3f3f3; } .t { font-family: monospace; white-space: pre; font-
 """
 
 
+def write_page(path: Path, title: str, body: str) -> Path:
+    """Write a standalone HTML page (shared CSS; ``title`` is escaped, ``body`` must already be safe HTML)
+    to a temporary name, then rename it into place."""
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>{body}</body></html>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
 def write_report(out: Path, title: str, metrics: list[dict[str, Any]], images: dict[str, str],
                  latents: dict[str, list[dict[str, Any]]], notes: list[str]) -> Path:
     """Write ``report.html`` (and ``metrics.json``) under ``out``."""
@@ -112,14 +124,9 @@ def write_report(out: Path, title: str, metrics: list[dict[str, Any]], images: d
                 + (f"<div>promotes: {promo}</div><div>suppresses: {supp}</div>" if promo else "")
                 + f"{ctxs}</div>")
     note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1><ul class='small'>{note_html}</ul>"
-            f"<table><tr>{head}</tr>{''.join(rows)}</table>{imgs}{''.join(lat_html)}</body></html>")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "report.html"
-    tmp = out / ".report.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    path = write_page(out / "report.html", title,
+                      f"<h1>{html.escape(title)}</h1><ul class='small'>{note_html}</ul>"
+                      f"<table><tr>{head}</tr>{''.join(rows)}</table>{imgs}{''.join(lat_html)}")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return path
 

@@ -73,6 +73,7 @@ class JumpReLUSAE(SAE):
     architecture: ClassVar[str] = "jumprelu"
     saelens_architecture: ClassVar[str] = "jumprelu"
     unit_norm_decoder: ClassVar[bool] = True
+    resample_enc_factor: ClassVar[float] = 1.0
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)

@@ -120,6 +120,9 @@ class TrainConfig:
     current batch (Anthropic-style resampling; 0: off; AuxK alone handles dead latents otherwise)."""
     resample_until: float = 0.5
     """Fraction of training after which no more resampling happens."""
+    resample_min_freq: float = 0.0
+    """Also resample latents that fired on fewer than this fraction of tokens since the last resampling
+    (0: only dead latents). Near-dead latents that fire once in 10^4 tokens are never 'dead' yet waste a slot."""
     normalize: bool = True
     """Scale activations by one scalar so their mean norm is sqrt(d_in); folded into the saved weights."""
     seed: int = 0
@@ -163,6 +166,8 @@ class _Run:
     window_fires: Tensor = field(default_factory=lambda: torch.zeros(0))
     window_tokens: int = 0
     resampled: int = 0
+    resample_fires: Tensor = field(default_factory=lambda: torch.zeros(0))
+    resample_tokens: int = 0
     log: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -272,9 +277,11 @@ class Trainer:
                         tensors[f"opt.{pnames[id(p)]}.step"] = torch.as_tensor(st["step"]).detach().cpu().reshape(1).float()
             tensors["since_fire"] = r.since_fire.cpu()
             tensors["window_fires"] = r.window_fires.cpu()
+            if r.resample_fires.numel():
+                tensors["resample_fires"] = r.resample_fires.cpu()
             save_file(tensors, str(tmp / f"run{i}.safetensors"))
             state["runs"].append({"name": r.name, "coeff_mult": r.coeff_mult, "last_p": r.last_p,
-                                  "window_tokens": r.window_tokens, "resampled": r.resampled, "cfg": dataclasses.asdict(r.sae.cfg)})
+                                  "window_tokens": r.window_tokens, "resampled": r.resampled, "resample_tokens": r.resample_tokens, "cfg": dataclasses.asdict(r.sae.cfg)})
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
     def load_checkpoint(self, path: Path) -> None:
@@ -292,9 +299,11 @@ class Trainer:
                     }
             r.since_fire = t["since_fire"].to(self.device)
             r.window_fires = t["window_fires"].to(self.device)
+            r.resample_fires = t["resample_fires"].to(self.device) if "resample_fires" in t else torch.zeros(0)
             rs = state["runs"][i]
             r.coeff_mult, r.last_p, r.window_tokens = rs["coeff_mult"], rs["last_p"], rs["window_tokens"]
             r.resampled = int(rs.get("resampled", 0))
+            r.resample_tokens = int(rs.get("resample_tokens", 0))
 
     # -- training ---------------------------------------------------------------------------------
     def _estimate_scale(self, first: list[Tensor]) -> float:
@@ -402,6 +411,9 @@ class Trainer:
             r.since_fire[fires > 0] = 0
             r.window_fires += fires.float()
             r.window_tokens += n
+            if cfg.resample_every:
+                r.resample_fires = r.resample_fires + fires.float() if r.resample_fires.numel() else fires.float()
+                r.resample_tokens += n
             err = (out.x_hat - x).pow(2).sum()
             var = (x - x.mean(0)).pow(2).sum()
             stats = torch.stack([err, var, out.l0().float(), lo.loss.detach().float()]
@@ -417,7 +429,12 @@ class Trainer:
     def _resample(self, r: _Run, x: Tensor) -> int:
         """Re-point dead latents at residual directions of rows drawn with probability proportional to their
         squared reconstruction error (same draw on every rank); reset their optimizer state. Returns the count."""
-        dead = (r.since_fire >= self.cfg.dead_tokens).nonzero().flatten()
+        dead_mask = r.since_fire >= self.cfg.dead_tokens
+        if self.cfg.resample_min_freq > 0 and r.resample_fires.numel():
+            dead_mask |= r.resample_fires < self.cfg.resample_min_freq * max(1, r.resample_tokens)
+        r.resample_fires = torch.zeros_like(r.resample_fires)
+        r.resample_tokens = 0
+        dead = dead_mask.nonzero().flatten()
         if dead.numel() == 0:
             return 0
         sae = r.sae
@@ -430,7 +447,7 @@ class Trainer:
         rows = torch.multinomial(weight.cpu().double(), n, replacement=n > x.shape[0], generator=gen).to(x.device)
         dirs = resid[rows]
         dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        live = r.since_fire < self.cfg.dead_tokens
+        live = ~dead_mask
         enc_norms = sae.W_enc.norm(dim=0)
         enc_norm = float(enc_norms[live].mean()) if bool(live.any()) else 1.0
         sae.resample(dead, dirs, sae.resample_enc_factor * enc_norm)

@@ -11,10 +11,12 @@ import pytest
 
 from featurelens.activations.harvest import HarvestConfig
 from featurelens.cli import DemoConfig, build_parser, main
+from featurelens.compare.run import CompareConfig
 from featurelens.configs import field_docs
+from featurelens.training import TrainConfig
 
 
-@pytest.mark.parametrize("cls", [HarvestConfig, DemoConfig])
+@pytest.mark.parametrize("cls", [HarvestConfig, DemoConfig, CompareConfig, TrainConfig])
 def test_every_config_field_is_documented(cls: type) -> None:
     docs = field_docs(cls)
     missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
@@ -65,3 +67,12 @@ def test_train_grid_expands_architectures_and_settings() -> None:
 def test_train_command_needs_a_source(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--arch", "topk"]) == 2
     assert "--acts STORE" in capsys.readouterr().err
+
+
+def test_compare_flags_and_bad_triple_error(capsys: pytest.CaptureFixture[str]) -> None:
+    ns = build_parser().parse_args(["compare", "--a", "m:blocks.1.hook_resid_post:s", "--b", "m:blocks.2.hook_resid_post:t",
+                                    "--svcca-compat", "lan2024", "--draws", "7"])
+    assert (ns.svcca_compat, ns.draws, ns.min_corr) == ("lan2024", 7, CompareConfig().min_corr)
+    assert main(["compare", "--a", "nonsense", "--b", "m:blocks.1.hook_resid_post:s"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MODEL:SITE:SAE" in err[0]

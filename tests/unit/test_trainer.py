@@ -150,3 +150,54 @@ def test_torchrun_data_parallel_matches_single_process(tmp_path: Path, tiny_llam
         a, b = load_sae(tmp_path / "single" / name), load_sae(tmp_path / "multi" / name)
         for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=f"{name}.{n}")
+
+
+def test_resampling_repoints_dead_latents_and_resumes_exactly(tmp_path: Path) -> None:
+    specs = [SAESpec(arch="topk", width=32, k=4), SAESpec(arch="gated", width=32), SAESpec(arch="relu", width=32)]
+    cfg = dict(steps=24, batch_size=64, checkpoint_every=7, warmup_steps=5, dead_tokens=10**9, log_every=5,
+               resample_every=6, resample_until=1.0, resample_min_freq=0.4)
+    ref = train_saes(specs, stream(), TrainConfig(out=str(tmp_path / "ref"), **cfg), d_in=D, progress=False)  # type: ignore[arg-type]
+    logs = [(tmp_path / "ref" / "logs" / f"{s.default_name()}.jsonl").read_text().splitlines() for s in specs]
+    assert all(int(eval_json(lines[-1])["resampled"]) > 0 for lines in logs), "rare latents must be resampled"
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        train_saes(specs, killing(stream(), 16), TrainConfig(out=str(out), **cfg), d_in=D, progress=False)  # type: ignore[arg-type]
+    resumed = train_saes(specs, stream(), TrainConfig(out=str(out), **cfg), d_in=D, progress=False)  # type: ignore[arg-type]
+    for a, b in zip(ref, resumed):
+        for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(p, q), (a.architecture, n)
+
+
+def eval_json(line: str) -> dict[str, float]:
+    import json
+
+    return dict(json.loads(line))
+
+
+def test_resample_sets_directions_biases_and_optimizer_state(tmp_path: Path) -> None:
+    tr = Trainer([SAESpec(arch="gated", width=32)], TrainConfig(steps=3, batch_size=64, out=str(tmp_path),
+                                                             checkpoint_every=0, dead_tokens=10**9), d_in=D)
+    tr.train(stream(), progress=False)
+    r = tr.runs[0]
+    sae = r.sae
+    dead = torch.tensor([3, 17])
+    r.since_fire[dead] = 10**9 + 1
+    x = next(stream(9)) * tr.scale
+    with torch.no_grad():
+        sae.b_gate[dead] = 5.0
+        resid = x - sae(x).x_hat
+    assert tr._resample(r, x) == 2
+    dirs = resid / resid.norm(dim=-1, keepdim=True)
+    for i in dead.tolist():
+        row = sae.W_dec[i].detach()
+        assert torch.isclose(row.norm(), torch.tensor(1.0), atol=1e-5)
+        assert (dirs @ row).max() > 1 - 1e-5, "decoder row must be one batch row's residual direction"
+        assert torch.allclose(sae.W_enc[:, i].detach() / sae.W_enc[:, i].norm(), row, atol=1e-5)
+        assert sae.b_gate[i] == 0 and sae.r_mag[i] == 0 and sae.b_mag[i] == 0
+        st = r.opt.state[sae.W_dec]
+        assert st["exp_avg"][i].abs().sum() == 0 and st["exp_avg_sq"][i].abs().sum() == 0
+        assert r.opt.state[sae.W_enc]["exp_avg"][:, i].abs().sum() == 0
+    assert int(r.since_fire[dead].max()) == 0
+    live = sae.W_enc.norm(dim=0)
+    expected = sae.resample_enc_factor * float(torch.cat([live[:3], live[4:17], live[18:]]).detach().mean())
+    assert float(live[3]) == pytest.approx(expected, rel=1e-4)
