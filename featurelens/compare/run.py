@@ -65,6 +65,8 @@ class CompareConfig:
     """Text pieces per forward pass."""
     min_corr: float = 0.1
     """Matched pairs with activation correlation below this are dropped."""
+    strict_corr: float = 0.5
+    """Also report the many-to-one pairs whose correlation is at least this (the well-matched core; 0: off)."""
     min_fires: int = 5
     """A latent must fire at least this often on the compared tokens to be matched (else it counts as dead)."""
     var_keep: float = 0.99
@@ -254,6 +256,9 @@ def run_compare(cfg: CompareConfig, progress: bool = True, preloaded: dict[str, 
                                  "dead_a": int((~alive_a).sum()), "dead_b": int((~alive_b).sum())}
         many = match_latents(corr, alive_a, alive_b, one_to_one=False, min_corr=cfg.min_corr)
         entry["many_to_one"] = compare_spaces(many, dec_a, dec_b, cfg)
+        if cfg.strict_corr > cfg.min_corr:
+            entry["many_to_one_strict"] = {"min_corr": cfg.strict_corr,
+                                           **compare_spaces(many.subset(many.corr >= cfg.strict_corr), dec_a, dec_b, cfg)}
         entry["one_to_one"] = compare_spaces(match_latents(corr, alive_a, alive_b, one_to_one=True,
                                                            min_corr=cfg.min_corr), dec_a, dec_b, cfg)
         if concept_words:
@@ -319,7 +324,7 @@ def write_compare_report(out: Path, summary: dict[str, Any], rows: list[str], co
             "<th>SVCCA shuffled</th><th>p</th><th>RSA</th><th>RSA shuffled</th><th>p</th></tr>")
     trs = []
     for e in summary["pairs"]:
-        for kind in ("many_to_one", "one_to_one", "concept"):
+        for kind in ("many_to_one", "many_to_one_strict", "one_to_one", "concept"):
             r = e.get(kind)
             if not r:
                 continue
