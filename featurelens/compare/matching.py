@@ -66,13 +66,16 @@ class CorrelationAccumulator:
         corr = torch.where(den > 0, cov / den.clamp_min(1e-300), torch.zeros_like(cov))
         return corr.clamp(-1.0, 1.0)
 
+    def _alive(self, fires: Tensor, total: Tensor, sq: Tensor, min_fires: int) -> Tensor:
+        return (fires >= min_fires) & (sq - total**2 / max(self.n, 1) > 0)
+
     def alive_a(self, min_fires: int = 1) -> Tensor:
         """Latents of A that fired at least ``min_fires`` times and vary."""
-        return (self.fires_a >= min_fires) & (self.sq_a - self.sum_a**2 / max(self.n, 1) > 0)
+        return self._alive(self.fires_a, self.sum_a, self.sq_a, min_fires)
 
     def alive_b(self, min_fires: int = 1) -> Tensor:
         """Latents of B that fired at least ``min_fires`` times and vary."""
-        return (self.fires_b >= min_fires) & (self.sq_b - self.sum_b**2 / max(self.n, 1) > 0)
+        return self._alive(self.fires_b, self.sum_b, self.sq_b, min_fires)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from featurelens.atomic import atomic_write_bytes
 from featurelens.compare.align import (
     TokenizedText,
     align_positions,
@@ -226,7 +227,8 @@ def run_compare(cfg: CompareConfig, progress: bool = True, preloaded: dict[str, 
                     continue
                 aligned[(ma, mb)] += len(pa)
                 cmask = torch.as_tensor(concept_mask(toks[ma][j], text, concept_words)[pa]) if concept_words else None
-                enc_a: dict[Triple, torch.Tensor] = {}
+                enc_a: dict[Triple, torch.Tensor] = {}  # each SAE encodes these tokens once per piece
+                enc_b: dict[Triple, torch.Tensor] = {}
                 for ta, tb in pairs:
                     if (ta.model, tb.model) != (ma, mb):
                         continue
@@ -235,8 +237,9 @@ def run_compare(cfg: CompareConfig, progress: bool = True, preloaded: dict[str, 
                         if cmask is not None and first_pair[ma] == (ma, mb):  # count each token of A once
                             concept_sum[ta] += enc_a[ta][cmask].sum(0, dtype=torch.float64)
                             total_sum[ta] += enc_a[ta].sum(0, dtype=torch.float64)
-                    fb = saes[tb].encode(acts[mb][tb.site][j, torch.as_tensor(pb)].float()).cpu()
-                    accs[(ta, tb)].update(enc_a[ta], fb)
+                    if tb not in enc_b:
+                        enc_b[tb] = saes[tb].encode(acts[mb][tb.site][j, torch.as_tensor(pb)].float()).cpu()
+                    accs[(ta, tb)].update(enc_a[ta], enc_b[tb])
                 if cmask is not None and first_pair[ma] == (ma, mb):
                     concept_tokens[ma] += int(cmask.sum())
         bar.n = min(cfg.tokens, min(aligned.values()))
@@ -271,10 +274,7 @@ def run_compare(cfg: CompareConfig, progress: bool = True, preloaded: dict[str, 
     summary = {"config": asdict(cfg), "aligned_tokens": {f"{a}|{b}": n for (a, b), n in aligned.items()},
                "pairs": results}
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".compare.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    tmp.replace(out / "compare.json")
+    atomic_write_bytes(out / "compare.json", (json.dumps(summary, indent=1) + "\n").encode())
     write_compare_report(out, summary, [t.label for t in side_a], [t.label for t in side_b])
     return summary
 

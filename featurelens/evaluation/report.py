@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from featurelens.atomic import atomic_write_bytes
+
 
 def _plt() -> Any:
     try:
@@ -89,13 +91,10 @@ th { background: #f3f3f3; } .t { font-family: monospace; white-space: pre; font-
 
 def write_page(path: Path, title: str, body: str) -> Path:
     """Write a standalone HTML page (shared CSS; ``title`` is escaped, ``body`` must already be safe HTML)
-    to a temporary name, then rename it into place."""
+    atomically."""
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>{body}</body></html>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_bytes(path, page.encode("utf-8"))
     return path
 
 

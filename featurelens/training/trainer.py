@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -29,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from featurelens.atomic import atomic_dir
+from featurelens.atomic import atomic_dir, atomic_write_bytes
 from featurelens.distributed import barrier, rank_and_world
 from featurelens.errors import FeatureLensError
 from featurelens.saes.base import SAE, LossContext, SAEConfig
@@ -234,7 +233,8 @@ class Trainer:
             sae.train()
             opt = torch.optim.Adam(sae.parameters(), lr=spec.learning_rate(), betas=(cfg.adam_beta1, cfg.adam_beta2))
             self.runs.append(_Run(spec, name, sae, opt, torch.zeros(spec.width, dtype=torch.long, device=self.device),
-                                  last_p=spec.p_start, window_fires=torch.zeros(spec.width, device=self.device)))
+                                  last_p=spec.p_start, window_fires=torch.zeros(spec.width, device=self.device),
+                                  resample_fires=torch.zeros(spec.width, device=self.device)))
         self._fwd = {r.name: (torch.compile(r.sae) if cfg.compile else r.sae) for r in self.runs}
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -255,9 +255,8 @@ class Trainer:
         name = f"checkpoint-{self.step:08d}"
         with atomic_dir(self.out / name) as tmp:
             self._write_checkpoint(tmp)
-        ptr = self.out / ".latest.json.tmp"
-        ptr.write_text(json.dumps({"checkpoint": name, "step": self.step, "config_hash": self.hash}))
-        os.replace(ptr, self.out / "latest.json")
+        atomic_write_bytes(self.out / "latest.json",
+                           json.dumps({"checkpoint": name, "step": self.step, "config_hash": self.hash}).encode())
         for old in self.out.glob("checkpoint-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -277,8 +276,7 @@ class Trainer:
                         tensors[f"opt.{pnames[id(p)]}.step"] = torch.as_tensor(st["step"]).detach().cpu().reshape(1).float()
             tensors["since_fire"] = r.since_fire.cpu()
             tensors["window_fires"] = r.window_fires.cpu()
-            if r.resample_fires.numel():
-                tensors["resample_fires"] = r.resample_fires.cpu()
+            tensors["resample_fires"] = r.resample_fires.cpu()
             save_file(tensors, str(tmp / f"run{i}.safetensors"))
             state["runs"].append({"name": r.name, "coeff_mult": r.coeff_mult, "last_p": r.last_p,
                                   "window_tokens": r.window_tokens, "resampled": r.resampled, "resample_tokens": r.resample_tokens, "cfg": dataclasses.asdict(r.sae.cfg)})
@@ -299,7 +297,7 @@ class Trainer:
                     }
             r.since_fire = t["since_fire"].to(self.device)
             r.window_fires = t["window_fires"].to(self.device)
-            r.resample_fires = t["resample_fires"].to(self.device) if "resample_fires" in t else torch.zeros(0)
+            r.resample_fires = t["resample_fires"].to(self.device)
             rs = state["runs"][i]
             r.coeff_mult, r.last_p, r.window_tokens = rs["coeff_mult"], rs["last_p"], rs["window_tokens"]
             r.resampled = int(rs.get("resampled", 0))
@@ -411,9 +409,8 @@ class Trainer:
             r.since_fire[fires > 0] = 0
             r.window_fires += fires.float()
             r.window_tokens += n
-            if cfg.resample_every:
-                r.resample_fires = r.resample_fires + fires.float() if r.resample_fires.numel() else fires.float()
-                r.resample_tokens += n
+            r.resample_fires += fires.float()
+            r.resample_tokens += n
             err = (out.x_hat - x).pow(2).sum()
             var = (x - x.mean(0)).pow(2).sum()
             stats = torch.stack([err, var, out.l0().float(), lo.loss.detach().float()]
@@ -430,9 +427,9 @@ class Trainer:
         """Re-point dead latents at residual directions of rows drawn with probability proportional to their
         squared reconstruction error (same draw on every rank); reset their optimizer state. Returns the count."""
         dead_mask = r.since_fire >= self.cfg.dead_tokens
-        if self.cfg.resample_min_freq > 0 and r.resample_fires.numel():
+        if self.cfg.resample_min_freq > 0:
             dead_mask |= r.resample_fires < self.cfg.resample_min_freq * max(1, r.resample_tokens)
-        r.resample_fires = torch.zeros_like(r.resample_fires)
+        r.resample_fires.zero_()
         r.resample_tokens = 0
         dead = dead_mask.nonzero().flatten()
         if dead.numel() == 0:
