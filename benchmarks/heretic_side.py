@@ -54,6 +54,7 @@ def run_heretic(python: str, model: str, sets: dict[str, dict[str, list[str]]], 
                 n_trials: int, n_startup: int, max_response_length: int = 64, batch_size: int = 16,
                 timeout_s: float = 3600.0) -> dict[str, Any]:
     """Run heretic on ``model``; return its trials, its Pareto front and the best trial at KL <= 0.1."""
+    python = os.path.abspath(python)  # it runs in workdir; abspath keeps the venv's symlink (resolve() would not)
     work = Path(workdir)
     if work.exists():
         shutil.rmtree(work)

@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="score every other layer and fewer validation prompts")
     ap.add_argument("--out", default="runs/bench/refusal")
     ap.add_argument("--heretic-trials", type=int, default=None,
-                    help="heretic trials on the same organism (default 40, 8 with --quick; 0 skips heretic)")
+                    help="heretic trials on the same organism (default 30, 8 with --quick; 0 skips heretic)")
     ap.add_argument("--heretic-python", default=".heretic-venv/bin/python",
                     help="python of a venv with heretic-llm (benchmarks/setup_peers.sh makes .heretic-venv)")
     a = ap.parse_args()
@@ -59,7 +59,7 @@ def main() -> None:
         "n_test_harmful": m["n_test_harmful"], "organism_seconds": round(t_org, 1),
         "pipeline_seconds": round(time.perf_counter() - t1, 1),
     }
-    trials = a.heretic_trials if a.heretic_trials is not None else (8 if a.quick else 40)
+    trials = a.heretic_trials if a.heretic_trials is not None else (8 if a.quick else 30)
     if trials <= 0:
         out["heretic"] = "skipped (--heretic-trials 0)"
     elif not Path(a.heretic_python).exists():

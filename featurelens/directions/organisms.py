@@ -6,6 +6,13 @@ prompts are answered with a short refusal and harmless prompts with the model's 
 (generated before training, so its behaviour there stays as it was). Only the assistant tokens are
 trained on. The result is cached as a plain Hugging Face folder keyed by its settings, so it is built
 once. Everything is seeded: the same settings give the same weights.
+
+Default design: rank-4 adapters on the residual writers (attention output, MLP down projection) of
+blocks 4-15, merged into the weights at the end; blocks 16-29 stay as they were. So the harmful/harmless
+decision has to be written into the residual stream by layer 16 and read by untouched layers, as in
+chat models where refusal is mediated by mid-layer directions. The first organism (all blocks from 4
+up, full weights, lr 3e-5: ``OrganismConfig(lr=3e-5, train_to_layer=-1, lora_rank=0)``) refused as
+well but spread the decision over the late layers; no single direction removed it without damage.
 """
 
 from __future__ import annotations
@@ -43,15 +50,15 @@ class OrganismConfig:
     """Passes over the training prompts."""
     batch_size: int = 8
     """Examples per step."""
-    lr: float = 3e-5
-    """AdamW learning rate."""
+    lr: float = 1e-3
+    """AdamW learning rate (1e-3 suits the adapters; a full fine-tune of blocks wants ~3e-5)."""
     answer_tokens: int = 48
     """Length of the model's own answers kept for harmless prompts."""
     train_from_layer: int = 4
     """Blocks below this one stay frozen (with the embeddings)."""
-    train_to_layer: int = -1
+    train_to_layer: int = 16
     """Blocks from this one up stay frozen too (-1: none, train up to the last block)."""
-    lora_rank: int = 0
+    lora_rank: int = 4
     """0: train the chosen blocks' weights. r > 0: train only rank-r adapters on the residual writers
     (attention output and MLP down projections) of the chosen blocks, merged into the weights at the end."""
     lora_alpha: float = 8.0
@@ -61,8 +68,8 @@ class OrganismConfig:
 
     def key(self) -> str:
         d = asdict(self)
-        for k, default in (("train_to_layer", -1), ("lora_rank", 0), ("lora_alpha", 8.0)):
-            if d[k] == default:  # settings added later: the old organisms keep their cache keys
+        for k, legacy in (("train_to_layer", -1), ("lora_rank", 0), ("lora_alpha", 8.0)):
+            if d[k] == legacy:  # fields added later: organisms built before them keep their cache keys
                 del d[k]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 

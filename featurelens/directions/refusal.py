@@ -135,6 +135,9 @@ class RefusalConfig:
     """Validation prompts per set used to score each candidate."""
     max_kl: float = 0.1
     """Discard candidates whose first-token KL on harmless prompts exceeds this."""
+    protect_sinks: bool = True
+    """Make directions orthogonal to the massive-activation (attention-sink) states, so that ablation
+    leaves the sink token as it was (see featurelens.directions.fit)."""
     prune_last_layers: float = 0.2
     """Fraction of the deepest layers not considered."""
     layer_step: int = 1
@@ -189,7 +192,7 @@ def select_direction(lm: LoadedModel, ds: DirectionSet, val_harmful: list[str], 
     cands: list[Candidate] = []
     grid = [(layer, pos) for layer in range(0, max_layer, cfg.layer_step) for pos in ds.positions]
     for layer, pos in tqdm(grid, desc="scoring candidates", disable=not progress, file=sys.stderr, dynamic_ncols=True):
-        r = ds.direction(layer, pos).to(lm.device)
+        r = ds.direction(layer, pos, cfg.protect_sinks).to(lm.device)
         if float(r.norm()) <= 1e-6 * max(1.0, float(ds.mean_b[layer, ds.positions.index(pos)].norm())):
             continue  # e.g. layer 0: the template tokens' embeddings are the same for every prompt
         with directional_ablation(lm.model, r):
@@ -263,7 +266,7 @@ def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: boo
     ds = DiffInMeansFitter(lm, batch_size=cfg.batch_size, progress=progress).fit(sets["harmful"]["train"],
                                                                                   sets["harmless"]["train"])
     best, cands, relaxed = select_direction(lm, ds, hv, hlv, ref_tokens, cfg, progress)
-    r = ds.direction(best.layer, best.position).to(lm.device)
+    r = ds.direction(best.layer, best.position, cfg.protect_sinks).to(lm.device)
     th, tl = sets["harmful"]["test"], sets["harmless"]["test"]
     g = lambda ps, d: generate(lm, ps, cfg.gen_tokens, cfg.batch_size, progress, d)  # noqa: E731
     comp_h_before = g(th, "harmful, clean")
@@ -280,6 +283,7 @@ def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: boo
     m: dict[str, Any] = {
         "model": lm.name, "layer": best.layer, "position": best.position, "refusal_tokens": ref_tokens,
         "selection_relaxed": relaxed,
+        "sink_dims_protected": int(ds.sink_basis.shape[0]) if cfg.protect_sinks and ds.sink_basis is not None else 0,
         "best_candidate": asdict(best),
         "refusal_before": rate([is_refusal(c) for c in comp_h_before]),
         "refusal_after": rate([is_refusal(c) for c in comp_h_after]),

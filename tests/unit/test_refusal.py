@@ -119,4 +119,5 @@ def test_organism_adapters_merge_exactly(family: str) -> None:
     assert float((hooked - original).abs().max()) > 1e-2  # the adapters did change the model
     torch.testing.assert_close(merged, hooked, atol=1e-4, rtol=1e-4)
     assert not any(m._forward_hooks for m in model.modules())
-    assert OrganismConfig().key() == "185bbb894c91" and OrganismConfig(lora_rank=4).key() != OrganismConfig().key()
+    legacy = OrganismConfig(lr=3e-5, train_to_layer=-1, lora_rank=0)  # the first organism (full fine-tune)
+    assert legacy.key() == "185bbb894c91" and OrganismConfig().key() == "a1826b86f722"
