@@ -59,6 +59,15 @@ def main() -> None:
         "n_test_harmful": m["n_test_harmful"], "organism_seconds": round(t_org, 1),
         "pipeline_seconds": round(time.perf_counter() - t1, 1),
     }
+    # the bypass/KL trade-off on validation prompts: the best bypass among candidates under each KL cap
+    frontier = {}
+    for cap in (0.1, 0.2, 0.3, 0.5, 1.0):
+        ok = [c for c in res.candidates if c.kl < cap]
+        if ok:
+            c = min(ok, key=lambda c: c.bypass)
+            frontier[str(cap)] = {"layer": c.layer, "position": c.position, "bypass": round(c.bypass, 3),
+                                  "induce": round(c.induce, 3), "kl": round(c.kl, 4)}
+    out["val_frontier"] = frontier
     trials = a.heretic_trials if a.heretic_trials is not None else (8 if a.quick else 30)
     if trials <= 0:
         out["heretic"] = "skipped (--heretic-trials 0)"
