@@ -30,9 +30,8 @@ import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 optuna.logging.set_verbosity(optuna.logging.ERROR)
-files = [f for f in sys.argv[1:]]
 out = []
-for f in files:
+for f in sys.argv[1:]:
     st = JournalStorage(JournalFileBackend(f))
     for s in st.get_all_studies():
         study = optuna.load_study(study_name=s.study_name, storage=st)

@@ -95,11 +95,11 @@ class DiffInMeansFitter:
         self.sink_ratio = sink_ratio
         self.sink_tol = sink_tol
         self.sm = SiteMap(model.model)
-        d = self.sm.d_model
-        self._sink_moment = torch.zeros(d, d, dtype=torch.float64)
 
     @torch.no_grad()
-    def _sums(self, instructions: list[str], n_post: int, desc: str) -> Tensor:
+    def _sums(self, instructions: list[str], n_post: int, desc: str, sink_moment: Tensor) -> Tensor:
+        """Per-layer sums of the post-instruction activations; adds the sink rows' second moment to
+        ``sink_moment`` on the way."""
         L = self.sm.n_layers
         sites = [f"blocks.{layer}.hook_resid_pre" for layer in range(L)]
         total = torch.zeros(L, n_post, self.sm.d_model, dtype=torch.float64)
@@ -111,19 +111,20 @@ class DiffInMeansFitter:
                 mask = pb.attention_mask.bool()
                 for layer, s in enumerate(sites):
                     total[layer] += acts[s][:, -n_post:].double().sum(0).cpu()
-                    self._add_sinks(acts[s].double(), mask)
+                    self._add_sinks(acts[s], mask, sink_moment)
         return total
 
-    def _add_sinks(self, x: Tensor, mask: Tensor) -> None:
-        """Add the second moment of this batch's massive-activation rows (``x``: ``[batch, seq, d]``)."""
-        norms = x.norm(dim=-1).masked_fill(~mask, float("nan"))
+    def _add_sinks(self, x: Tensor, mask: Tensor, sink_moment: Tensor) -> None:
+        """Add the second moment of this batch's massive-activation rows (``x``: ``[batch, seq, d]``) to
+        ``sink_moment``; only those rows are taken to float64."""
+        norms = x.float().norm(dim=-1).masked_fill(~mask, float("nan"))
         median = norms.nanmedian(dim=1, keepdim=True).values
-        rows = x[(norms > self.sink_ratio * median) & mask]
+        rows = x[(norms > self.sink_ratio * median) & mask].double()
         if rows.shape[0]:
-            self._sink_moment += (rows.T @ rows).cpu()
+            sink_moment += (rows.T @ rows).cpu()
 
-    def _sink_basis(self) -> Tensor:
-        evals, evecs = torch.linalg.eigh(self._sink_moment)
+    def _sink_basis(self, sink_moment: Tensor) -> Tensor:
+        evals, evecs = torch.linalg.eigh(sink_moment)
         evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
         total = float(evals.sum())
         if total == 0:
@@ -135,9 +136,9 @@ class DiffInMeansFitter:
         if not set_a or not set_b:
             raise FeatureLensError("both prompt sets must be non-empty")
         n_post = n_post_instruction_tokens(self.lm.tokenizer)
-        self._sink_moment.zero_()
-        mean_a = self._sums(set_a, n_post, "activations A") / len(set_a)
-        mean_b = self._sums(set_b, n_post, "activations B") / len(set_b)
+        sink_moment = torch.zeros(self.sm.d_model, self.sm.d_model, dtype=torch.float64)
+        mean_a = self._sums(set_a, n_post, "activations A", sink_moment) / len(set_a)
+        mean_b = self._sums(set_b, n_post, "activations B", sink_moment) / len(set_b)
         return DirectionSet((mean_a - mean_b).float(), mean_a.float(), mean_b.float(), tuple(range(-n_post, 0)),
-                            len(set_a), len(set_b), self.lm.name, self._sink_basis())
+                            len(set_a), len(set_b), self.lm.name, self._sink_basis(sink_moment))
 
