@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -15,8 +16,22 @@ def rank_and_world() -> tuple[int, int]:
         return dist.get_rank(), dist.get_world_size()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(shutdown)  # featurelens made the group, so it takes it down
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def shutdown() -> None:
+    """Wait for every rank, then destroy the default process group (a no-op when there is none).
+
+    Run at exit for groups featurelens created: a rank that leaves with the group alive can abort in
+    gloo's teardown ("terminate called without an active exception") while its peer is still finishing.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def barrier(world: int) -> None:

@@ -17,8 +17,4 @@ if __name__ == "__main__":
     cfg = HarvestConfig(model="tiny", sites="blocks.2.hook_resid_post,blocks.1.hook_attn_out", tokens=500,
                         out=sys.argv[1], batch_size=4, shard_tokens=48, device="cpu")
     store = harvest(cfg, model=model, contexts=random_contexts(n_ctx=48, seed=2), progress=False)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
     print("n_tokens", store.n_tokens)

@@ -19,7 +19,3 @@ if __name__ == "__main__":
     batches = store.batches(batch_size=global_batch // trainer.world, seed=3, rank=trainer.rank,
                             world_size=trainer.world, epochs=100)
     trainer.train(batches, progress=False)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
