@@ -45,6 +45,18 @@ print(json.dumps(out))
 """
 
 
+def _read_trials(python: str, work: Path) -> list[dict[str, Any]]:
+    """Completed trials from heretic's Optuna journal under ``work/checkpoints`` (empty if none)."""
+    journals = [str(p) for p in (work / "checkpoints").glob("*")] if (work / "checkpoints").exists() else []
+    if not journals:
+        return []
+    got = subprocess.run([python, "-c", READ_TRIALS, *journals], capture_output=True, text=True, check=False)
+    if got.returncode != 0 or not got.stdout.strip():
+        return []
+    out: list[dict[str, Any]] = json.loads(got.stdout.strip().splitlines()[-1])
+    return out
+
+
 def _toml_str(s: str) -> str:
     return json.dumps(s)  # a JSON string literal is a valid TOML basic string
 
@@ -55,17 +67,10 @@ def run_heretic(python: str, model: str, sets: dict[str, dict[str, list[str]]], 
     """Run heretic on ``model``; return its trials, its Pareto front and the best trial at KL <= 0.1."""
     python = os.path.abspath(python)  # it runs in workdir; abspath keeps the venv's symlink (resolve() would not)
     work = Path(workdir)
-    if work.exists():
-        shutil.rmtree(work)
-    (work / "prompts").mkdir(parents=True)
-    files = {}
-    for kind in ("harmful", "harmless"):
-        for split in ("train", "test"):
-            p = work / "prompts" / f"{kind}_{split}.txt"
-            p.write_text("\n".join(sets[kind][split]) + "\n", encoding="utf-8")
-            files[kind, split] = str(p.resolve())
+    prompts = {(kind, split): "\n".join(sets[kind][split]) + "\n" for kind in ("harmful", "harmless") for split in ("train", "test")}
+    files = {k: str((work / "prompts" / f"{k[0]}_{k[1]}.txt").resolve()) for k in prompts}
     spec = lambda path: f'{{ dataset = {_toml_str(path)} }}'  # noqa: E731
-    (work / "config.toml").write_text("\n".join([
+    config = "\n".join([
         f"model = {_toml_str(str(Path(model).resolve()))}",
         'dtypes = ["float32"]',
         'device_map = "cpu"',
@@ -80,24 +85,35 @@ def run_heretic(python: str, model: str, sets: dict[str, dict[str, list[str]]], 
         f"bad_prompts = {spec(files['harmful', 'train'])}",
         f"good_evaluation_prompts = {spec(files['harmless', 'test'])}",
         f"bad_evaluation_prompts = {spec(files['harmful', 'test'])}",
-    ]) + "\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "NO_COLOR": "1", "TERM": "dumb"}
-    t0 = time.perf_counter()
-    with open(work / "heretic.log", "w") as log:
-        proc = subprocess.run([python, "-c", "from heretic.main import main; main()"], cwd=work, env=env,
-                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s,
-                              check=False)
-    seconds = time.perf_counter() - t0
-    journals = [str(p) for p in (work / "checkpoints").glob("*")] if (work / "checkpoints").exists() else []
-    trials: list[dict[str, Any]] = []
-    if journals:
-        got = subprocess.run([python, "-c", READ_TRIALS, *journals], capture_output=True, text=True, check=False)
-        if got.returncode == 0 and got.stdout.strip():
-            trials = json.loads(got.stdout.strip().splitlines()[-1])
+    ]) + "\n"
+    # a finished run with the same model, settings and prompts is reused (heretic takes ~1 min a trial on CPU)
+    same = (work / "config.toml").exists() and (work / "config.toml").read_text() == config and all(
+        Path(f).exists() and Path(f).read_text(encoding="utf-8") == prompts[k] for k, f in files.items())
+    trials = _read_trials(python, work) if same else []
+    reused = len(trials) >= n_trials
+    if reused:
+        meta = json.loads((work / "run.json").read_text()) if (work / "run.json").exists() else {}
+        seconds, returncode = meta.get("seconds"), meta.get("exit_code")
+    else:
+        if work.exists():
+            shutil.rmtree(work)
+        (work / "prompts").mkdir(parents=True)
+        for k, f in files.items():
+            Path(f).write_text(prompts[k], encoding="utf-8")
+        (work / "config.toml").write_text(config)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "NO_COLOR": "1", "TERM": "dumb"}
+        t0 = time.perf_counter()
+        with open(work / "heretic.log", "w") as log:
+            proc = subprocess.run([python, "-c", "from heretic.main import main; main()"], cwd=work, env=env,
+                                  stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s,
+                                  check=False)
+        seconds, returncode = round(time.perf_counter() - t0, 1), proc.returncode
+        (work / "run.json").write_text(json.dumps({"seconds": seconds, "exit_code": returncode}) + "\n")
+        trials = _read_trials(python, work)
     if not trials:
         tail = (work / "heretic.log").read_text(errors="replace")[-1500:]
-        return {"status": f"no completed trials (exit {proc.returncode})", "log_tail": tail, "seconds": round(seconds, 1)}
+        return {"status": f"no completed trials (exit {returncode})", "log_tail": tail, "seconds": seconds}
     front = [t for t in trials if not any(
         (o["refusals"] <= t["refusals"] and o["kl_divergence"] <= t["kl_divergence"])
         and (o["refusals"] < t["refusals"] or o["kl_divergence"] < t["kl_divergence"]) for o in trials)]
@@ -106,7 +122,7 @@ def run_heretic(python: str, model: str, sets: dict[str, dict[str, list[str]]], 
     ok = [t for t in trials if t["kl_divergence"] <= 0.1]
     best = min(ok, key=lambda t: (t["refusals"], t["kl_divergence"])) if ok else None
     return {
-        "status": "ran", "trials": len(trials), "seconds": round(seconds, 1), "exit_code": proc.returncode,
+        "status": "ran", "reused_previous_run": reused, "trials": len(trials), "seconds": seconds, "exit_code": returncode,
         "base_refusal_rate": (trials[0]["base_refusals"] or 0) / n,
         "pareto": [{"refusal_rate": t["refusals"] / n, "kl": round(t["kl_divergence"], 5), "trial": t["trial"]}
                    for t in front],

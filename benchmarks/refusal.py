@@ -34,6 +34,8 @@ def main() -> None:
                     help="heretic trials on the same organism (default 30, 8 with --quick; 0 skips heretic)")
     ap.add_argument("--heretic-python", default=".heretic-venv/bin/python",
                     help="python of a venv with heretic-llm (benchmarks/setup_peers.sh makes .heretic-venv)")
+    ap.add_argument("--refine-steps", type=int, default=None,
+                    help="gradient refinement steps of the chosen direction (default: RefusalConfig's; 0: plain difference in means)")
     a = ap.parse_args()
     t0 = time.perf_counter()
     path = refusal_organism()
@@ -41,6 +43,8 @@ def main() -> None:
     organism = json.loads((path / "organism.json").read_text())
     cfg = RefusalConfig(model=str(path), out=a.out, export=a.out + "/exported", n_val=16 if a.quick else 24,
                         layer_step=2 if a.quick else 1, gen_tokens=64)
+    if a.refine_steps is not None:
+        cfg.refine_steps = a.refine_steps
     t1 = time.perf_counter()
     res = run_refusal(cfg)
     m = res.metrics
@@ -68,6 +72,14 @@ def main() -> None:
             frontier[str(cap)] = {"layer": c.layer, "position": c.position, "bypass": round(c.bypass, 3),
                                   "induce": round(c.induce, 3), "kl": round(c.kl, 4)}
     out["val_frontier"] = frontier
+    ref = m.get("refined")
+    if ref:
+        out["refined"] = {"start": [ref["start"]["layer"], ref["start"]["position"]], "best_step": ref["best_step"],
+                          "steps": ref["steps"], "cos_to_start": ref["cos_to_start"],
+                          "val_start": {k: round(v, 4) for k, v in ref["val_start"].items()},
+                          "val_refined": {k: round(v, 4) for k, v in ref["val_refined"].items()},
+                          "selected_without_refinement": [ref["selected_without_refinement"]["layer"],
+                                                          ref["selected_without_refinement"]["position"]]}
     trials = a.heretic_trials if a.heretic_trials is not None else (8 if a.quick else 30)
     if trials <= 0:
         out["heretic"] = "skipped (--heretic-trials 0)"

@@ -50,9 +50,14 @@ def _hooks(registrations: Sequence[Any]) -> Iterator[None]:
 @contextmanager
 def directional_ablation(model: nn.Module, direction: Tensor, layers: Sequence[int] | None = None) -> Iterator[None]:
     """Remove ``direction`` from the residual stream everywhere (block inputs, attention and MLP writes)."""
-    sm = SiteMap(model)
     r = _unit(direction).to(next(model.parameters()).device)
-    fn = lambda x: _project_out(x, r)  # noqa: E731
+    with _hooks(_residual_registrations(model, lambda x: _project_out(x, r), layers)):
+        yield
+
+
+def _residual_registrations(model: nn.Module, fn: Any, layers: Sequence[int] | None = None) -> list[Any]:
+    """Registrations that apply ``fn`` to every block input and every attention and MLP output."""
+    sm = SiteMap(model)
     regs: list[Any] = []
     for layer in layers if layers is not None else range(sm.n_layers):
         block = sm.blocks[layer]
@@ -61,8 +66,7 @@ def directional_ablation(model: nn.Module, direction: Tensor, layers: Sequence[i
         regs.append(lambda b=block: b.register_forward_pre_hook(replace_input_hook(fn), with_kwargs=True))
         regs.append(lambda m=attn: m.register_forward_hook(replace_output_hook(fn)))
         regs.append(lambda m=mlp: m.register_forward_hook(replace_output_hook(fn)))
-    with _hooks(regs):
-        yield
+    return regs
 
 
 @contextmanager

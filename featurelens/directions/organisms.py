@@ -63,12 +63,15 @@ class OrganismConfig:
     (attention output and MLP down projections) of the chosen blocks, merged into the weights at the end."""
     lora_alpha: float = 8.0
     """Adapter scale is ``lora_alpha / lora_rank``."""
+    shared_write: bool = False
+    """Adapters share one output basis (``B``): every adapter writes into the same rank-``lora_rank``
+    subspace of the residual stream, so the fine-tune's whole effect is carried by that many directions."""
     seed: int = 0
     """Seed for shuffling and initial answers."""
 
     def key(self) -> str:
         d = asdict(self)
-        for k, legacy in (("train_to_layer", -1), ("lora_rank", 0), ("lora_alpha", 8.0)):
+        for k, legacy in (("train_to_layer", -1), ("lora_rank", 0), ("lora_alpha", 8.0), ("shared_write", False)):
             if d[k] == legacy:  # fields added later: organisms built before them keep their cache keys
                 del d[k]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
@@ -77,7 +80,8 @@ class OrganismConfig:
 class _Adapter:
     """A rank-r update ``scale * B @ A`` added to a linear module's output by a forward hook."""
 
-    def __init__(self, module: nn.Module, rank: int, alpha: float, gen: torch.Generator) -> None:
+    def __init__(self, module: nn.Module, rank: int, alpha: float, gen: torch.Generator,
+                 shared_b: nn.Parameter | None = None) -> None:
         self.module = module
         self.transposed = isinstance(module, Conv1D)  # GPT-2's Conv1D stores [in, out]
         w = module.weight
@@ -85,7 +89,7 @@ class _Adapter:
         self.weight = w
         d_out, d_in = (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
         self.A = nn.Parameter(torch.randn(rank, d_in, generator=gen, dtype=w.dtype) / math.sqrt(d_in))
-        self.B = nn.Parameter(torch.zeros(d_out, rank, dtype=w.dtype))
+        self.B = shared_b if shared_b is not None else nn.Parameter(torch.zeros(d_out, rank, dtype=w.dtype))
         self.scale = alpha / rank
         self.handle = module.register_forward_hook(self._hook)
 
@@ -153,8 +157,9 @@ def refusal_organism(cfg: OrganismConfig | None = None, progress: bool = True) -
     adapters: list[_Adapter] = []
     if cfg.lora_rank > 0:
         gen = torch.Generator().manual_seed(cfg.seed)
-        adapters = [_Adapter(m, cfg.lora_rank, cfg.lora_alpha, gen) for i in layers for m in sm.writer_modules(i)]
-        params = [p for a in adapters for p in (a.A, a.B)]
+        shared = nn.Parameter(torch.zeros(sm.d_model, cfg.lora_rank)) if cfg.shared_write else None
+        adapters = [_Adapter(m, cfg.lora_rank, cfg.lora_alpha, gen, shared) for i in layers for m in sm.writer_modules(i)]
+        params = list({id(p): p for a in adapters for p in (a.A, a.B)}.values())
     else:
         params = [p for i in layers for p in sm.blocks[i].parameters()]
         for p in params:

@@ -10,6 +10,9 @@ and measure what it did and what it cost.
   better), induce score (metric on validation harmless under addition, must be > 0), KL of the first
   token on validation harmless under ablation (must be < ``max_kl``), layers in the last 20% discarded;
   the lowest bypass score wins.
+* Refinement (on by default, ``refine_steps``): the direction is then refined by gradient descent on
+  training prompts against bypass, KL and induce terms, keeping the best validation checkpoint (see
+  featurelens.directions.refine). It starts from the candidate with the lowest ``bypass + kl_weight * KL``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from tqdm.auto import tqdm
 from featurelens.directions.fit import DiffInMeansFitter, DirectionSet
 from featurelens.directions.interventions import activation_addition, directional_ablation
 from featurelens.directions.prompts import encode_prompts
+from featurelens.directions.refine import RefineSettings, refine_direction
 from featurelens.errors import FeatureLensError
 from featurelens.models.loading import LoadedModel
 
@@ -144,6 +148,15 @@ class RefusalConfig:
     """Score every n-th layer only (1: all)."""
     gen_tokens: int = 64
     """New tokens per greedy completion for the refusal judge."""
+    refine_steps: int = 60
+    """Gradient refinement of the chosen direction (featurelens.directions.refine): Adam steps on training
+    prompts, best checkpoint by the validation objective; 0 keeps the plain difference-in-means direction."""
+    refine_lr: float = 0.01
+    """Adam learning rate of the refinement."""
+    refine_kl_weight: float = 5.0
+    """Weight of the harmless first-token KL in the refinement objective (and in choosing its start)."""
+    refine_induce_weight: float = 0.5
+    """Weight of the induce term (refusal under addition on harmless prompts) in the refinement objective."""
     export: str = ""
     """Write the weight-orthogonalized model here (a plain Hugging Face folder)."""
     out: str = "runs/refusal"
@@ -218,6 +231,16 @@ def select_direction(lm: LoadedModel, ds: DirectionSet, val_harmful: list[str], 
     return min(kept, key=lambda c: c.bypass), cands, relaxed
 
 
+def refine_start(cands: list[Candidate], kl_weight: float) -> Candidate:
+    """The candidate refinement starts from: the lowest ``bypass + kl_weight * KL`` among those with
+    induce > 0 (any finite one if none induces). Refinement then trades bypass against KL itself, so the
+    start is not held to the KL filter."""
+    ok = [c for c in cands if math.isfinite(c.bypass) and c.induce > 0] or [c for c in cands if math.isfinite(c.bypass)]
+    if not ok:
+        raise FeatureLensError("no candidate direction could be scored: check the prompts and the model")
+    return min(ok, key=lambda c: c.bypass + kl_weight * c.kl)
+
+
 @torch.no_grad()
 def own_completion_ce(lm: LoadedModel, prompts: list[str], completions: list[str], batch_size: int = 8) -> float:
     """Mean CE (nats/token) of the model on the given completions of its prompts, teacher-forced."""
@@ -267,6 +290,21 @@ def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: boo
                                                                                   sets["harmless"]["train"])
     best, cands, relaxed = select_direction(lm, ds, hv, hlv, ref_tokens, cfg, progress)
     r = ds.direction(best.layer, best.position, cfg.protect_sinks).to(lm.device)
+    refined: dict[str, Any] = {}
+    if cfg.refine_steps > 0:
+        unrefined = best
+        best = refine_start(cands, cfg.refine_kl_weight)
+        settings = RefineSettings(steps=cfg.refine_steps, lr=cfg.refine_lr, kl_weight=cfg.refine_kl_weight,
+                                  induce_weight=cfg.refine_induce_weight, batch_size=cfg.batch_size)
+        say(f"refining layer {best.layer} position {best.position} (bypass {best.bypass:+.2f}, KL {best.kl:.3f})")
+        rd = refine_direction(lm, ds.direction(best.layer, best.position, cfg.protect_sinks), best.layer, ref_tokens,
+                              (sets["harmful"]["train"], sets["harmless"]["train"]),
+                              (sets["harmful"]["val"], sets["harmless"]["val"]), settings,
+                              ds.sink_basis if cfg.protect_sinks else None, progress)
+        r = rd.vector.to(lm.device)
+        refined = {"start": asdict(best), "selected_without_refinement": asdict(unrefined), "best_step": rd.best_step,
+                   "steps": cfg.refine_steps, "cos_to_start": round(rd.cos_to_start, 4),
+                   "val_start": asdict(rd.val_start), "val_refined": asdict(rd.val_best), "history": list(rd.history)}
     th, tl = sets["harmful"]["test"], sets["harmless"]["test"]
     g = lambda ps, d: generate(lm, ps, cfg.gen_tokens, cfg.batch_size, progress, d)  # noqa: E731
     comp_h_before = g(th, "harmful, clean")
@@ -284,7 +322,7 @@ def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: boo
         "model": lm.name, "layer": best.layer, "position": best.position, "refusal_tokens": ref_tokens,
         "selection_relaxed": relaxed,
         "sink_dims_protected": int(ds.sink_basis.shape[0]) if cfg.protect_sinks and ds.sink_basis is not None else 0,
-        "best_candidate": asdict(best),
+        "best_candidate": asdict(best), "refined": refined or None,
         "refusal_before": rate([is_refusal(c) for c in comp_h_before]),
         "refusal_after": rate([is_refusal(c) for c in comp_h_after]),
         "harmless_refusal_before": rate([is_refusal(c) for c in comp_l_before]),
@@ -301,7 +339,7 @@ def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: boo
     if cfg.export:
         edited = orthogonalize_weights(copy.deepcopy(lm.model), r.cpu())
         path = export_model(edited, lm.tokenizer, cfg.export, note={"layer": best.layer, "position": best.position,
-                                                                     "source_model": lm.name})
+                                                                     "refined": bool(refined), "source_model": lm.name})
         from transformers import AutoModelForCausalLM
 
         reloaded: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -344,7 +382,15 @@ def _report(out: Any, res: RefusalResult, model_name: str) -> None:
         img = '<img src="candidates.png" alt="candidate scores by layer">'
     m = res.metrics
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in m.items()
-                   if k not in ("examples", "refusal_tokens"))
+                   if k not in ("examples", "refusal_tokens", "refined"))
+    ref = m.get("refined")
+    if ref:
+        hist = "".join(f"<tr><td>{h['step']}</td><td>{h['bypass']:+.3f}</td><td>{h['induce']:+.3f}</td><td>{h['kl']:.4f}</td>"
+                       f"<td>{h['value']:.4f}</td></tr>" for h in ref["history"])
+        rows += (f"<tr><td>refinement</td><td>from layer {ref['start']['layer']} position {ref['start']['position']}, "
+                 f"best step {ref['best_step']} of {ref['steps']}, cosine to start {ref['cos_to_start']:.3f}</td></tr>")
+        img += ("<h2>Refinement (validation prompts)</h2><table><tr><th>step</th><th>bypass</th><th>induce</th>"
+                f"<th>KL</th><th>objective</th></tr>{hist}</table>")
     ex = "".join(f"<tr><td>{html.escape(e['prompt'])}</td><td>{html.escape(e['before'])}</td><td>{html.escape(e['after'])}</td></tr>"
                  for e in m.get("examples", []))
     write_page(out / "report.html", f"refusal direction: {model_name}",

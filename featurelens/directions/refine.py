@@ -1,0 +1,217 @@
+"""Gradient refinement of a refusal direction (after the refusal-direction optimisation of Wollschläger et
+al. 2025, *The Geometry of Refusal in Large Language Models*).
+
+A difference-in-means direction mixes what makes the model refuse with everything else that differs
+between the two prompt sets (on SmolLM2, ablating the *base* model's own harmful-minus-harmless direction
+at layer 16 already costs a first-token KL of 0.16 on harmless prompts, although that model never
+refuses). Refinement starts from the chosen difference-in-means direction and moves it, by gradient
+descent through the frozen model, to minimise
+
+    mean softplus(refusal log-odds on harmful prompts, direction ablated)          (bypass term)
+  + kl_weight * mean KL(clean || ablated) of the first token on harmless prompts    (damage term)
+  + induce_weight * mean softplus(-refusal log-odds on harmless prompts, direction added)  (induce term)
+
+on the *training* prompts, keeping it a unit vector orthogonal to the attention-sink subspace. The same
+objective on the *validation* prompts is checked every ``eval_every`` steps, and the best checkpoint wins
+(the starting direction is checkpoint 0, so refinement never returns something worse on validation).
+The result is still one direction, so ablation, addition, weight orthogonalization and export work on it
+unchanged.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from featurelens.directions.interventions import _hooks, _residual_registrations
+from featurelens.directions.prompts import encode_prompts
+from featurelens.models.hooks import replace_input_hook
+from featurelens.models.loading import LoadedModel
+from featurelens.models.sites import SiteMap
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """Settings of the gradient refinement."""
+
+    steps: int = 60
+    """Adam steps (0: no refinement)."""
+    lr: float = 0.01
+    """Adam learning rate on the (unit) direction."""
+    kl_weight: float = 5.0
+    """Weight of the first-token KL on harmless prompts."""
+    induce_weight: float = 0.5
+    """Weight of the induce term (refusal under activation addition on harmless prompts)."""
+    batch_size: int = 16
+    """Prompts of each kind per step."""
+    eval_every: int = 10
+    """Validation objective every this many steps (the best checkpoint is returned)."""
+    seed: int = 0
+    """Seed of the batch sampling."""
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The refinement objective's terms on one prompt set (means over prompts)."""
+
+    bypass: float
+    """Mean refusal log-odds on harmful prompts under ablation (lower: less refusal)."""
+    induce: float
+    """Mean refusal log-odds on harmless prompts under addition (higher: more refusal)."""
+    kl: float
+    """Mean first-token KL(clean || ablated) on harmless prompts."""
+    value: float
+    """The objective (lower is better)."""
+
+
+@dataclass(frozen=True)
+class RefinedDirection:
+    """Result of :func:`refine_direction`."""
+
+    vector: Tensor
+    """``[d]`` the refined direction scaled to the starting vector's norm (what activation addition adds)."""
+    start: Tensor
+    """``[d]`` the starting vector."""
+    best_step: int
+    """Step of the returned checkpoint (0: the start was best on validation)."""
+    history: tuple[dict[str, float], ...]
+    """Per validation check: step, training objective of the last batch, validation terms."""
+    val_start: Objective
+    """Validation objective of the starting direction."""
+    val_best: Objective
+    """Validation objective of the returned direction."""
+
+    @property
+    def cos_to_start(self) -> float:
+        return float(F.cosine_similarity(self.vector.double(), self.start.double(), dim=0))
+
+
+def refusal_log_odds(logits: Tensor, refusal_tokens: list[int]) -> Tensor:
+    """``[n]`` differentiable log-odds that the next token is a refusal token, from ``[n, vocab]`` logits."""
+    lp = torch.log_softmax(logits.float(), -1)
+    lp_ref = torch.logsumexp(lp[:, refusal_tokens], -1).clamp(max=-1e-6)
+    return lp_ref - torch.log(-torch.expm1(lp_ref))
+
+
+def objective_terms(bypass_lo: Tensor, induce_lo: Tensor, kl: Tensor, s: RefineSettings) -> Tensor:
+    """The scalar refinement objective from per-prompt log-odds and KLs (a pure function)."""
+    return F.softplus(bypass_lo).mean() + s.kl_weight * kl.mean() + s.induce_weight * F.softplus(-induce_lo).mean()
+
+
+def _kl_rows(base_logits: Tensor, logits: Tensor) -> Tensor:
+    lp, lq = torch.log_softmax(base_logits.float(), -1), torch.log_softmax(logits.float(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+class _Refiner:
+    def __init__(self, lm: LoadedModel, layer: int, magnitude: float, refusal_tokens: list[int]) -> None:
+        self.lm, self.layer, self.magnitude, self.tokens = lm, layer, magnitude, refusal_tokens
+        self.sm = SiteMap(lm.model)
+
+    def logits(self, prompts: list[str]) -> Tensor:
+        pb = encode_prompts(self.lm.tokenizer, prompts, self.lm.device)
+        out = self.lm.model(input_ids=pb.input_ids, attention_mask=pb.attention_mask, position_ids=pb.position_ids,
+                            use_cache=False, logits_to_keep=1).logits
+        return out[:, -1].float()
+
+    @contextmanager
+    def ablated(self, r: Tensor) -> Iterator[None]:
+        u = r / r.norm()
+        with _hooks(_residual_registrations(self.lm.model, lambda x: x - (x @ u.to(x.dtype)).unsqueeze(-1) * u.to(x.dtype))):
+            yield
+
+    @contextmanager
+    def added(self, r: Tensor) -> Iterator[None]:
+        v = self.magnitude * r / r.norm()
+        block = self.sm.blocks[self.layer]
+        with _hooks([lambda: block.register_forward_pre_hook(replace_input_hook(lambda x: x + v.to(x.dtype)), with_kwargs=True)]):
+            yield
+
+    def terms(self, r: Tensor, harmful: list[str], harmless: list[str], base_harmless: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        with self.ablated(r):
+            b = refusal_log_odds(self.logits(harmful), self.tokens)
+            kl = _kl_rows(base_harmless, self.logits(harmless))
+        with self.added(r):
+            i = refusal_log_odds(self.logits(harmless), self.tokens)
+        return b, i, kl
+
+    @torch.no_grad()
+    def evaluate(self, r: Tensor, harmful: list[str], harmless: list[str], base_harmless: Tensor, s: RefineSettings,
+                 batch: int) -> Objective:
+        parts = [self.terms(r, harmful[k : k + batch], harmless[k : k + batch], base_harmless[k : k + batch])
+                 for k in range(0, max(len(harmful), len(harmless)), batch)]
+        b, i, kl = (torch.cat([p[j] for p in parts if p[j].numel()]) for j in range(3))
+        return Objective(float(b.mean()), float(i.mean()), float(kl.mean()), float(objective_terms(b, i, kl, s)))
+
+
+def _base_logits(ref: _Refiner, prompts: list[str], batch: int) -> Tensor:
+    with torch.no_grad():
+        return torch.cat([ref.logits(prompts[k : k + batch]) for k in range(0, len(prompts), batch)])
+
+
+def refine_direction(lm: LoadedModel, start: Tensor, layer: int, refusal_tokens: list[int],
+                     train: tuple[list[str], list[str]], val: tuple[list[str], list[str]],
+                     settings: RefineSettings | None = None, sink_basis: Tensor | None = None,
+                     progress: bool = True) -> RefinedDirection:
+    """Refine ``start`` (a ``[d]`` difference-in-means vector of block ``layer``'s input) on ``train`` =
+    (harmful, harmless) prompts; return the checkpoint with the best objective on ``val`` prompts."""
+    s = settings or RefineSettings()
+    if len(val[0]) != len(val[1]):
+        n = min(len(val[0]), len(val[1]))
+        val = (val[0][:n], val[1][:n])
+    model = lm.model
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    magnitude = float(start.norm())
+    ref = _Refiner(lm, layer, magnitude, refusal_tokens)
+    dev = lm.device
+    basis = sink_basis.to(dev, torch.float32) if sink_basis is not None and sink_basis.shape[0] else None
+
+    def constrain(v: Tensor) -> Tensor:
+        if basis is not None:
+            v = v - (v @ basis.T) @ basis
+        return v / v.norm()
+
+    r = torch.nn.Parameter(constrain(start.detach().to(dev, torch.float32)))
+    base_train = _base_logits(ref, train[1], s.batch_size)
+    base_val = _base_logits(ref, val[1], s.batch_size)
+    val_start = ref.evaluate(r.detach(), val[0], val[1], base_val, s, s.batch_size)
+    best = (val_start, 0, r.detach().clone())
+    history: list[dict[str, Any]] = [{"step": 0, **val_start.__dict__}]
+    opt = torch.optim.Adam([r], lr=s.lr)
+    g = torch.Generator().manual_seed(s.seed)
+    bar = tqdm(range(1, s.steps + 1), desc="refining direction", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for step in bar:
+            ih = torch.randint(0, len(train[0]), (s.batch_size,), generator=g).tolist()
+            il = torch.randint(0, len(train[1]), (s.batch_size,), generator=g).tolist()
+            b, i, kl = ref.terms(r, [train[0][k] for k in ih], [train[1][k] for k in il], base_train[il])
+            loss = objective_terms(b, i, kl, s)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                r.copy_(constrain(r))
+            if step % s.eval_every == 0 or step == s.steps:
+                o = ref.evaluate(r.detach(), val[0], val[1], base_val, s, s.batch_size)
+                history.append({"step": step, "train_objective": float(loss.detach()), **o.__dict__})
+                bar.set_postfix(val=f"{o.value:.3f}", kl=f"{o.kl:.3f}", bypass=f"{o.bypass:+.2f}")
+                if o.value < best[0].value:
+                    best = (o, step, r.detach().clone())
+    finally:
+        bar.close()
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+    return RefinedDirection(vector=(magnitude * best[2]).cpu(), start=start.detach().cpu().float(), best_step=best[1],
+                            history=tuple(history), val_start=val_start, val_best=best[0])
+
+
+__all__ = ["Objective", "RefineSettings", "RefinedDirection", "objective_terms", "refine_direction", "refusal_log_odds"]
