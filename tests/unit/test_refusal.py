@@ -121,3 +121,27 @@ def test_organism_adapters_merge_exactly(family: str) -> None:
     assert not any(m._forward_hooks for m in model.modules())
     legacy = OrganismConfig(lr=3e-5, train_to_layer=-1, lora_rank=0)  # the first organism (full fine-tune)
     assert legacy.key() == "185bbb894c91" and OrganismConfig().key() == "a1826b86f722"
+
+
+def test_organism_shared_write_adapters_write_into_one_subspace() -> None:
+    """With ``shared_write`` every adapter's merged weight change writes into the one shared basis."""
+    import torch.nn as nn
+
+    from featurelens.directions.organisms import OrganismConfig, _Adapter
+    from featurelens.models.sites import SiteMap
+    model = tiny_model("llama").eval()
+    sm = SiteMap(model)
+    gen = torch.Generator().manual_seed(0)
+    shared = nn.Parameter(torch.randn(sm.d_model, 1, generator=gen))
+    mods = [m for layer in range(sm.n_layers) for m in sm.writer_modules(layer)]
+    before = [m.weight.detach().clone() for m in mods]
+    adapters = [_Adapter(m, 1, 8.0, gen, shared) for m in mods]
+    assert all(a.B is shared for a in adapters)
+    for a in adapters:
+        a.merge()
+    u = shared.detach()[:, 0] / shared.detach().norm()
+    for m, w0 in zip(mods, before):
+        delta = m.weight.detach() - w0
+        assert float(delta.norm()) > 1e-3
+        torch.testing.assert_close(delta - torch.outer(u, u @ delta), torch.zeros_like(delta), atol=1e-5, rtol=0)
+    assert OrganismConfig(shared_write=True).key() != OrganismConfig().key()
