@@ -200,4 +200,4 @@ def test_resample_sets_directions_biases_and_optimizer_state(tmp_path: Path) -> 
     assert int(r.since_fire[dead].max()) == 0
     live = sae.W_enc.norm(dim=0)
     expected = sae.resample_enc_factor * float(torch.cat([live[:3], live[4:17], live[18:]]).detach().mean())
-    assert float(live[3]) == pytest.approx(expected, rel=1e-4)
+    assert float(live[3].detach()) == pytest.approx(expected, rel=1e-4)
