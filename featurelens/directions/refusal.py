@@ -231,6 +231,32 @@ def select_direction(lm: LoadedModel, ds: DirectionSet, val_harmful: list[str], 
     return min(kept, key=lambda c: c.bypass), cands, relaxed
 
 
+def save_direction(path: Any, vector: Tensor, meta: dict[str, Any]) -> None:
+    """Write the chosen ``[d]`` vector (what addition adds; ablation uses its unit direction) with its
+    metadata to one safetensors file (written to a temporary name, then renamed)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    save_file({"direction": vector.detach().float().cpu().contiguous()}, str(tmp), metadata={"featurelens": json.dumps(meta)})
+    os.replace(tmp, p)
+
+
+def load_direction(path: Any) -> tuple[Tensor, dict[str, Any]]:
+    """Read a vector written by :func:`save_direction` (and its metadata)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("featurelens", "{}"))
+        return f.get_tensor("direction"), meta
+
+
 def refine_start(cands: list[Candidate], kl_weight: float) -> Candidate:
     """The candidate refinement starts from: the lowest ``bypass + kl_weight * KL`` among those with
     induce > 0 (any finite one if none induces). Refinement then trades bypass against KL itself, so the
@@ -336,6 +362,8 @@ def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: boo
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ds.save(out / "directions")
+    save_direction(out / "direction.safetensors", r, {"layer": best.layer, "position": best.position,
+                                                      "refined": bool(refined), "model": lm.name})
     if cfg.export:
         edited = orthogonalize_weights(copy.deepcopy(lm.model), r.cpu())
         path = export_model(edited, lm.tokenizer, cfg.export, note={"layer": best.layer, "position": best.position,

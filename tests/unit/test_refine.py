@@ -80,3 +80,13 @@ def test_refine_start_trades_bypass_against_kl() -> None:
              Candidate(3, -1, bypass=-5.0, induce=-1.0, kl=0.0)]  # the last one does not induce
     assert refine_start(cands, kl_weight=5.0).layer == 2  # -3 + 2.5 = -0.5 vs -2 + 0.5 = -1.5
     assert refine_start(cands, kl_weight=0.0).layer == 1
+
+
+def test_direction_file_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from featurelens.directions.refusal import load_direction, save_direction
+
+    v = torch.randn(24, generator=torch.Generator().manual_seed(2))
+    save_direction(tmp_path / "direction.safetensors", v, {"layer": 16, "position": -1, "refined": True})
+    got, meta = load_direction(tmp_path / "direction.safetensors")
+    assert torch.equal(got, v) and meta == {"layer": 16, "position": -1, "refined": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["direction.safetensors"]  # no temporary left behind
