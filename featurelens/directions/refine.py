@@ -56,6 +56,9 @@ class RefineSettings:
     """Validation objective every this many steps (the best checkpoint is returned)."""
     seed: int = 0
     """Seed of the batch sampling."""
+    ema: float = 0.0
+    """> 0: checkpoints are an exponential moving average of the iterates with this decay (re-normalised
+    and sink-orthogonal), which smooths the noise of small batches; 0: the iterates themselves."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,7 @@ def refine_direction(lm: LoadedModel, start: Tensor, layer: int, refusal_tokens:
     val_start = ref.evaluate(r.detach(), val[0], val[1], base_val, s, s.batch_size)
     best = (val_start, 0, r.detach().clone())
     history: list[dict[str, Any]] = [{"step": 0, **val_start.__dict__}]
+    avg = r.detach().clone()
     opt = torch.optim.Adam([r], lr=s.lr)
     g = torch.Generator().manual_seed(s.seed)
     bar = tqdm(range(1, s.steps + 1), desc="refining direction", disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -200,12 +204,14 @@ def refine_direction(lm: LoadedModel, start: Tensor, layer: int, refusal_tokens:
             opt.step()
             with torch.no_grad():
                 r.copy_(constrain(r))
+                avg = s.ema * avg + (1 - s.ema) * r.detach() if s.ema > 0 else r.detach().clone()
             if step % s.eval_every == 0 or step == s.steps:
-                o = ref.evaluate(r.detach(), val[0], val[1], base_val, s, s.batch_size)
+                cand = constrain(avg)
+                o = ref.evaluate(cand, val[0], val[1], base_val, s, s.batch_size)
                 history.append({"step": step, "train_objective": float(loss.detach()), **o.__dict__})
                 bar.set_postfix(val=f"{o.value:.3f}", kl=f"{o.kl:.3f}", bypass=f"{o.bypass:+.2f}")
                 if o.value < best[0].value:
-                    best = (o, step, r.detach().clone())
+                    best = (o, step, cand)
     finally:
         bar.close()
         for p, f in zip(model.parameters(), flags):

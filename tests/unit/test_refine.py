@@ -56,13 +56,14 @@ def test_zero_steps_scores_the_start_like_the_pipeline(setup: tuple) -> None:
     assert rd.val_start.kl == pytest.approx(kl, abs=1e-5)
 
 
-def test_refinement_lowers_the_objective_and_keeps_constraints(setup: tuple) -> None:
+@pytest.mark.parametrize("ema", [0.0, 0.5])
+def test_refinement_lowers_the_objective_and_keeps_constraints(setup: tuple, ema: float) -> None:
     lm, start, sets = setup
     d = start.shape[0]
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     sink = torch.linalg.qr(torch.randn(d, 2, generator=torch.Generator().manual_seed(1)))[0].T  # planted "sink" basis
     train = (sets["harmful"]["train"][:12], sets["harmless"]["train"][:12])
-    rd = refine_direction(lm, start, 1, TOKENS, train, train, RefineSettings(steps=12, lr=0.05, eval_every=3, batch_size=6),
+    rd = refine_direction(lm, start, 1, TOKENS, train, train, RefineSettings(steps=12, lr=0.05, eval_every=3, batch_size=6, ema=ema),
                           sink_basis=sink, progress=False)
     assert rd.best_step > 0 and rd.val_best.value < rd.val_start.value - 1e-3  # validated on the training prompts here
     assert [h["step"] for h in rd.history] == [0, 3, 6, 9, 12]
