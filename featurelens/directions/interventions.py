@@ -88,11 +88,15 @@ def writer_ablation(model: nn.Module, direction: Tensor) -> Iterator[None]:
 @contextmanager
 def activation_addition(model: nn.Module, vector: Tensor, layer: int, coeff: float = 1.0) -> Iterator[None]:
     """Add ``coeff * vector`` to the input of block ``layer`` at every position."""
-    sm = SiteMap(model)
     v = (coeff * vector.detach()).to(next(model.parameters()).device)
-    fn = lambda x: x + v.to(x.dtype)  # noqa: E731
-    with _hooks([lambda: sm.blocks[layer].register_forward_pre_hook(replace_input_hook(fn), with_kwargs=True)]):
+    with _hooks([_input_registration(model, layer, lambda x: x + v.to(x.dtype))]):
         yield
+
+
+def _input_registration(model: nn.Module, layer: int, fn: Any) -> Any:
+    """A registration that applies ``fn`` to block ``layer``'s input."""
+    block = SiteMap(model).blocks[layer]
+    return lambda: block.register_forward_pre_hook(replace_input_hook(fn), with_kwargs=True)
 
 
 @contextmanager

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from featurelens.errors import FeatureLensError
+from featurelens.models.loading import LoadedModel
 
 FALLBACK_TEMPLATE = "User: {instruction}\nAssistant:"
 
@@ -65,3 +66,19 @@ def encode_prompts(tokenizer: Any, instructions: list[str], device: torch.device
         mask[i, T - len(r) :] = 1
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     return PromptBatch(ids.to(device), mask.to(device), pos.to(device))
+
+
+def next_token_logits(lm: LoadedModel, instructions: list[str]) -> Tensor:
+    """``[n, vocab]`` float32 logits at the last prompt position (the first generated token), in one
+    forward pass on the model's device; gradients flow (the refinement needs them)."""
+    pb = encode_prompts(lm.tokenizer, instructions, lm.device)
+    out = lm.model(input_ids=pb.input_ids, attention_mask=pb.attention_mask, position_ids=pb.position_ids,
+                   use_cache=False, logits_to_keep=1).logits
+    return out[:, -1].float()
+
+
+@torch.no_grad()
+def last_logits(lm: LoadedModel, instructions: list[str], batch_size: int = 16) -> Tensor:
+    """``[n, vocab]`` float32 logits at the last prompt position, batched, on the CPU."""
+    return torch.cat([next_token_logits(lm, instructions[b : b + batch_size]).cpu()
+                      for b in range(0, len(instructions), batch_size)])

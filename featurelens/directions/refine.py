@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -31,11 +31,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from featurelens.directions.interventions import _hooks, _residual_registrations
-from featurelens.directions.prompts import encode_prompts
-from featurelens.models.hooks import replace_input_hook
+from featurelens.directions.interventions import (
+    _hooks,
+    _input_registration,
+    _project_out,
+    _residual_registrations,
+)
+from featurelens.directions.prompts import last_logits, next_token_logits
 from featurelens.models.loading import LoadedModel
-from featurelens.models.sites import SiteMap
 
 
 @dataclass(frozen=True)
@@ -117,47 +120,35 @@ def _kl_rows(base_logits: Tensor, logits: Tensor) -> Tensor:
 class _Refiner:
     def __init__(self, lm: LoadedModel, layer: int, magnitude: float, refusal_tokens: list[int]) -> None:
         self.lm, self.layer, self.magnitude, self.tokens = lm, layer, magnitude, refusal_tokens
-        self.sm = SiteMap(lm.model)
-
-    def logits(self, prompts: list[str]) -> Tensor:
-        pb = encode_prompts(self.lm.tokenizer, prompts, self.lm.device)
-        out = self.lm.model(input_ids=pb.input_ids, attention_mask=pb.attention_mask, position_ids=pb.position_ids,
-                            use_cache=False, logits_to_keep=1).logits
-        return out[:, -1].float()
 
     @contextmanager
     def ablated(self, r: Tensor) -> Iterator[None]:
         u = r / r.norm()
-        with _hooks(_residual_registrations(self.lm.model, lambda x: x - (x @ u.to(x.dtype)).unsqueeze(-1) * u.to(x.dtype))):
+        with _hooks(_residual_registrations(self.lm.model, lambda x: _project_out(x, u))):
             yield
 
     @contextmanager
     def added(self, r: Tensor) -> Iterator[None]:
         v = self.magnitude * r / r.norm()
-        block = self.sm.blocks[self.layer]
-        with _hooks([lambda: block.register_forward_pre_hook(replace_input_hook(lambda x: x + v.to(x.dtype)), with_kwargs=True)]):
+        with _hooks([_input_registration(self.lm.model, self.layer, lambda x: x + v.to(x.dtype))]):
             yield
 
     def terms(self, r: Tensor, harmful: list[str], harmless: list[str], base_harmless: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         with self.ablated(r):
-            b = refusal_log_odds(self.logits(harmful), self.tokens)
-            kl = _kl_rows(base_harmless, self.logits(harmless))
+            b = refusal_log_odds(next_token_logits(self.lm, harmful), self.tokens)
+            kl = _kl_rows(base_harmless, next_token_logits(self.lm, harmless))
         with self.added(r):
-            i = refusal_log_odds(self.logits(harmless), self.tokens)
+            i = refusal_log_odds(next_token_logits(self.lm, harmless), self.tokens)
         return b, i, kl
 
     @torch.no_grad()
     def evaluate(self, r: Tensor, harmful: list[str], harmless: list[str], base_harmless: Tensor, s: RefineSettings,
                  batch: int) -> Objective:
+        """The objective over equally many harmful and harmless prompts, in batches."""
         parts = [self.terms(r, harmful[k : k + batch], harmless[k : k + batch], base_harmless[k : k + batch])
-                 for k in range(0, max(len(harmful), len(harmless)), batch)]
-        b, i, kl = (torch.cat([p[j] for p in parts if p[j].numel()]) for j in range(3))
+                 for k in range(0, len(harmful), batch)]
+        b, i, kl = (torch.cat([p[j] for p in parts]) for j in range(3))
         return Objective(float(b.mean()), float(i.mean()), float(kl.mean()), float(objective_terms(b, i, kl, s)))
-
-
-def _base_logits(ref: _Refiner, prompts: list[str], batch: int) -> Tensor:
-    with torch.no_grad():
-        return torch.cat([ref.logits(prompts[k : k + batch]) for k in range(0, len(prompts), batch)])
 
 
 def refine_direction(lm: LoadedModel, start: Tensor, layer: int, refusal_tokens: list[int],
@@ -184,11 +175,11 @@ def refine_direction(lm: LoadedModel, start: Tensor, layer: int, refusal_tokens:
         return v / v.norm()
 
     r = torch.nn.Parameter(constrain(start.detach().to(dev, torch.float32)))
-    base_train = _base_logits(ref, train[1], s.batch_size)
-    base_val = _base_logits(ref, val[1], s.batch_size)
+    base_train = last_logits(lm, train[1], s.batch_size).to(dev)
+    base_val = last_logits(lm, val[1], s.batch_size).to(dev)
     val_start = ref.evaluate(r.detach(), val[0], val[1], base_val, s, s.batch_size)
     best = (val_start, 0, r.detach().clone())
-    history: list[dict[str, Any]] = [{"step": 0, **val_start.__dict__}]
+    history: list[dict[str, Any]] = [{"step": 0, **asdict(val_start)}]
     avg = r.detach().clone()
     opt = torch.optim.Adam([r], lr=s.lr)
     g = torch.Generator().manual_seed(s.seed)
@@ -208,7 +199,7 @@ def refine_direction(lm: LoadedModel, start: Tensor, layer: int, refusal_tokens:
             if step % s.eval_every == 0 or step == s.steps:
                 cand = constrain(avg)
                 o = ref.evaluate(cand, val[0], val[1], base_val, s, s.batch_size)
-                history.append({"step": step, "train_objective": float(loss.detach()), **o.__dict__})
+                history.append({"step": step, "train_objective": float(loss.detach()), **asdict(o)})
                 bar.set_postfix(val=f"{o.value:.3f}", kl=f"{o.kl:.3f}", bypass=f"{o.bypass:+.2f}")
                 if o.value < best[0].value:
                     best = (o, step, cand)

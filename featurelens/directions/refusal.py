@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from featurelens.directions.fit import DiffInMeansFitter, DirectionSet
 from featurelens.directions.interventions import activation_addition, directional_ablation
-from featurelens.directions.prompts import encode_prompts
+from featurelens.directions.prompts import encode_prompts, last_logits
 from featurelens.directions.refine import RefineSettings, refine_direction
 from featurelens.errors import FeatureLensError
 from featurelens.models.loading import LoadedModel
@@ -80,18 +80,6 @@ def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int = 64, batc
         for row in gen[:, pb.input_ids.shape[1] :]:
             out.append(tok.decode(row, skip_special_tokens=True))
     return out
-
-
-@torch.no_grad()
-def last_logits(lm: LoadedModel, prompts: list[str], batch_size: int = 16) -> Tensor:
-    """``[n, vocab]`` float32 logits at the last prompt position (the first generated token)."""
-    rows = []
-    for b in range(0, len(prompts), batch_size):
-        pb = encode_prompts(lm.tokenizer, prompts[b : b + batch_size], lm.device)
-        logits = lm.model(input_ids=pb.input_ids, attention_mask=pb.attention_mask, position_ids=pb.position_ids,
-                          use_cache=False, logits_to_keep=1).logits
-        rows.append(logits[:, -1].float().cpu())
-    return torch.cat(rows)
 
 
 def learn_refusal_tokens(lm: LoadedModel, harmful: list[str], harmless: list[str], max_tokens: int = 8) -> list[int]:
@@ -235,15 +223,14 @@ def save_direction(path: Any, vector: Tensor, meta: dict[str, Any]) -> None:
     """Write the chosen ``[d]`` vector (what addition adds; ablation uses its unit direction) with its
     metadata to one safetensors file (written to a temporary name, then renamed)."""
     import json
-    import os
     from pathlib import Path
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    save_file({"direction": vector.detach().float().cpu().contiguous()}, str(tmp), metadata={"featurelens": json.dumps(meta)})
-    os.replace(tmp, p)
+    from featurelens.atomic import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), save({"direction": vector.detach().float().cpu().contiguous()},
+                                        metadata={"featurelens": json.dumps(meta)}))
 
 
 def load_direction(path: Any) -> tuple[Tensor, dict[str, Any]]:
@@ -315,9 +302,10 @@ def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: boo
     ds = DiffInMeansFitter(lm, batch_size=cfg.batch_size, progress=progress).fit(sets["harmful"]["train"],
                                                                                   sets["harmless"]["train"])
     best, cands, relaxed = select_direction(lm, ds, hv, hlv, ref_tokens, cfg, progress)
-    r = ds.direction(best.layer, best.position, cfg.protect_sinks).to(lm.device)
     refined: dict[str, Any] = {}
-    if cfg.refine_steps > 0:
+    if cfg.refine_steps <= 0:
+        r = ds.direction(best.layer, best.position, cfg.protect_sinks).to(lm.device)
+    else:
         unrefined = best
         best = refine_start(cands, cfg.refine_kl_weight)
         settings = RefineSettings(steps=cfg.refine_steps, lr=cfg.refine_lr, kl_weight=cfg.refine_kl_weight,
