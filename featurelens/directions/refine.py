@@ -59,6 +59,11 @@ class RefineSettings:
     """Validation objective every this many steps (the best checkpoint is returned)."""
     seed: int = 0
     """Seed of the batch sampling."""
+    damage_kl: bool = False
+    """True: the KL term leaves out the part of the KL due to the change in the probability of refusing,
+    i.e. the binary KL of the refusal-token mass (chain rule: KL = that binary KL + the KL of what the
+    model says given that it refuses or not, weighted). On harmless prompts the model half-refuses,
+    removing that refusal is what ablation is for, not damage; the reported KL stays the full one."""
     ema: float = 0.0
     """> 0: checkpoints are an exponential moving average of the iterates with this decay (re-normalised
     and sink-orthogonal), which smooths the noise of small batches; 0: the iterates themselves."""
@@ -74,6 +79,8 @@ class Objective:
     """Mean refusal log-odds on harmless prompts under addition (higher: more refusal)."""
     kl: float
     """Mean first-token KL(clean || ablated) on harmless prompts."""
+    kl_refusal_shift: float
+    """The part of ``kl`` due to the change in refusal-token mass (mean binary KL)."""
     value: float
     """The objective (lower is better)."""
 
@@ -117,6 +124,21 @@ def _kl_rows(base_logits: Tensor, logits: Tensor) -> Tensor:
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
+def refusal_shift_kl(base_logits: Tensor, logits: Tensor, refusal_tokens: list[int]) -> Tensor:
+    """``[n]`` binary KL(P_clean(refuse) || P_other(refuse)) of the refusal-token mass: by the chain rule the
+    part of the full next-token KL that is only the change in how likely the model is to refuse."""
+    def mass(x: Tensor) -> tuple[Tensor, Tensor]:
+        lp = torch.logsumexp(torch.log_softmax(x.float(), -1)[:, refusal_tokens], -1).clamp(max=-1e-6)
+        return lp, torch.log(-torch.expm1(lp))
+    lp, lp_not = mass(base_logits)
+    lq, lq_not = mass(logits)
+    return lp.exp() * (lp - lq) + lp_not.exp() * (lp_not - lq_not)
+
+
+def _penalised(kl: Tensor, shift: Tensor, s: RefineSettings) -> Tensor:
+    return (kl - shift).clamp(min=0) if s.damage_kl else kl
+
+
 class _Refiner:
     def __init__(self, lm: LoadedModel, layer: int, magnitude: float, refusal_tokens: list[int]) -> None:
         self.lm, self.layer, self.magnitude, self.tokens = lm, layer, magnitude, refusal_tokens
@@ -133,13 +155,16 @@ class _Refiner:
         with _hooks([_input_registration(self.lm.model, self.layer, lambda x: x + v.to(x.dtype))]):
             yield
 
-    def terms(self, r: Tensor, harmful: list[str], harmless: list[str], base_harmless: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def terms(self, r: Tensor, harmful: list[str], harmless: list[str],
+              base_harmless: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-prompt bypass log-odds, induce log-odds, full KL and its refusal-shift part."""
         with self.ablated(r):
             b = refusal_log_odds(next_token_logits(self.lm, harmful), self.tokens)
-            kl = _kl_rows(base_harmless, next_token_logits(self.lm, harmless))
+            abl = next_token_logits(self.lm, harmless)
+            kl, shift = _kl_rows(base_harmless, abl), refusal_shift_kl(base_harmless, abl, self.tokens)
         with self.added(r):
             i = refusal_log_odds(next_token_logits(self.lm, harmless), self.tokens)
-        return b, i, kl
+        return b, i, kl, shift
 
     @torch.no_grad()
     def evaluate(self, r: Tensor, harmful: list[str], harmless: list[str], base_harmless: Tensor, s: RefineSettings,
@@ -147,8 +172,9 @@ class _Refiner:
         """The objective over equally many harmful and harmless prompts, in batches."""
         parts = [self.terms(r, harmful[k : k + batch], harmless[k : k + batch], base_harmless[k : k + batch])
                  for k in range(0, len(harmful), batch)]
-        b, i, kl = (torch.cat([p[j] for p in parts]) for j in range(3))
-        return Objective(float(b.mean()), float(i.mean()), float(kl.mean()), float(objective_terms(b, i, kl, s)))
+        b, i, kl, shift = (torch.cat([p[j] for p in parts]) for j in range(4))
+        return Objective(float(b.mean()), float(i.mean()), float(kl.mean()), float(shift.mean()),
+                         float(objective_terms(b, i, _penalised(kl, shift, s), s)))
 
 
 def refine_direction(lm: LoadedModel, start: Tensor, layer: int, refusal_tokens: list[int],
@@ -188,8 +214,8 @@ def refine_direction(lm: LoadedModel, start: Tensor, layer: int, refusal_tokens:
         for step in bar:
             ih = torch.randint(0, len(train[0]), (s.batch_size,), generator=g).tolist()
             il = torch.randint(0, len(train[1]), (s.batch_size,), generator=g).tolist()
-            b, i, kl = ref.terms(r, [train[0][k] for k in ih], [train[1][k] for k in il], base_train[il])
-            loss = objective_terms(b, i, kl, s)
+            b, i, kl, shift = ref.terms(r, [train[0][k] for k in ih], [train[1][k] for k in il], base_train[il])
+            loss = objective_terms(b, i, _penalised(kl, shift, s), s)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -211,4 +237,5 @@ def refine_direction(lm: LoadedModel, start: Tensor, layer: int, refusal_tokens:
                             history=tuple(history), val_start=val_start, val_best=best[0])
 
 
-__all__ = ["Objective", "RefineSettings", "RefinedDirection", "objective_terms", "refine_direction", "refusal_log_odds"]
+__all__ = ["Objective", "RefineSettings", "RefinedDirection", "objective_terms", "refine_direction", "refusal_log_odds",
+           "refusal_shift_kl"]

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from featurelens.directions.fit import DiffInMeansFitter, DirectionSet
 from featurelens.directions.interventions import activation_addition, directional_ablation
 from featurelens.directions.prompts import encode_prompts, last_logits
-from featurelens.directions.refine import RefineSettings, refine_direction
+from featurelens.directions.refine import RefineSettings, refine_direction, refusal_shift_kl
 from featurelens.errors import FeatureLensError
 from featurelens.models.loading import LoadedModel
 
@@ -332,6 +332,7 @@ def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: boo
         comp_l_added = g(tl, "harmless, added")
     logits_l = last_logits(lm, tl, cfg.batch_size)
     ce_before = own_completion_ce(lm, tl, comp_l_before)
+    answered = [k for k, c in enumerate(comp_l_before) if not is_refusal(c)]
     m: dict[str, Any] = {
         "model": lm.name, "layer": best.layer, "position": best.position, "refusal_tokens": ref_tokens,
         "selection_relaxed": relaxed,
@@ -343,9 +344,13 @@ def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: boo
         "harmless_refusal_after_ablation": rate([is_refusal(c) for c in comp_l_after]),
         "harmless_refusal_after_addition": rate([is_refusal(c) for c in comp_l_added]),
         "kl_harmless": first_token_kl(logits_l, logits_l_abl),
+        "kl_harmless_answered": (first_token_kl(logits_l[answered], logits_l_abl[answered]) if answered
+                                 else float("nan")),
+        "kl_harmless_refusal_shift": float(refusal_shift_kl(logits_l, logits_l_abl, ref_tokens).double().mean()),
         "ce_own_before": ce_before, "ce_own_after": ce_after,
         "n_test_harmful": len(th), "n_test_harmless": len(tl), "gen_tokens": cfg.gen_tokens,
         "examples": [{"prompt": p, "before": a, "after": b} for p, a, b in list(zip(th, comp_h_before, comp_h_after))[:5]],
+        "still_refused": [{"prompt": p, "after": b} for p, b in zip(th, comp_h_after) if is_refusal(b)][:10],
     }
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -398,7 +403,7 @@ def _report(out: Any, res: RefusalResult, model_name: str) -> None:
         img = '<img src="candidates.png" alt="candidate scores by layer">'
     m = res.metrics
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in m.items()
-                   if k not in ("examples", "refusal_tokens", "refined"))
+                   if k not in ("examples", "still_refused", "refusal_tokens", "refined"))
     ref = m.get("refined")
     if ref:
         hist = "".join(f"<tr><td>{h['step']}</td><td>{h['bypass']:+.3f}</td><td>{h['induce']:+.3f}</td><td>{h['kl']:.4f}</td>"
@@ -409,6 +414,11 @@ def _report(out: Any, res: RefusalResult, model_name: str) -> None:
                 f"<th>KL</th><th>objective</th></tr>{hist}</table>")
     ex = "".join(f"<tr><td>{html.escape(e['prompt'])}</td><td>{html.escape(e['before'])}</td><td>{html.escape(e['after'])}</td></tr>"
                  for e in m.get("examples", []))
+    still = "".join(f"<tr><td>{html.escape(e['prompt'])}</td><td>{html.escape(e['after'])}</td></tr>"
+                    for e in m.get("still_refused", []))
+    if still:
+        ex += ("</table><h2>Test harmful prompts still refused after ablation</h2><table><tr><th>prompt</th>"
+               f"<th>after ablation</th></tr>{still}")
     write_page(out / "report.html", f"refusal direction: {model_name}",
                f"<h1>Refusal direction of {html.escape(model_name)}</h1>"
                f"<p>chosen: layer {res.layer}, position {res.position}</p><table>{rows}</table>{img}"

@@ -9,7 +9,7 @@ import torch
 from featurelens.directions import DiffInMeansFitter
 from featurelens.directions.instructions import instruction_sets
 from featurelens.directions.interventions import activation_addition, directional_ablation
-from featurelens.directions.refine import RefineSettings, refine_direction, refusal_log_odds
+from featurelens.directions.refine import RefineSettings, refine_direction, refusal_log_odds, refusal_shift_kl
 from featurelens.directions.refusal import (
     Candidate,
     first_token_kl,
@@ -36,6 +36,27 @@ def test_log_odds_matches_refusal_metric() -> None:
     torch.testing.assert_close(refusal_log_odds(logits, [3, 7]), refusal_metric(logits, [3, 7]), atol=1e-4, rtol=1e-4)
 
 
+def test_refusal_shift_is_the_chain_rule_part_of_the_kl() -> None:
+    """Full KL = binary KL of the refusal mass + mass-weighted KLs within refusal and within non-refusal
+    tokens, each computed here from renormalised distributions (an independent route)."""
+    g = torch.Generator().manual_seed(0)
+    base, other = torch.randn(6, 30, generator=g) * 2, torch.randn(6, 30, generator=g) * 2
+    toks = [2, 5, 11]
+    p, q = torch.softmax(base.double(), -1), torch.softmax(other.double(), -1)
+    full = (p * (p.log() - q.log())).sum(-1)
+    inside = torch.zeros(30, dtype=torch.bool)
+    inside[toks] = True
+
+    def within(mask: torch.Tensor) -> torch.Tensor:
+        pm, qm = p[:, mask] / p[:, mask].sum(-1, keepdim=True), q[:, mask] / q[:, mask].sum(-1, keepdim=True)
+        return p[:, mask].sum(-1) * (pm * (pm.log() - qm.log())).sum(-1)
+
+    shift = refusal_shift_kl(base, other, toks).double()
+    torch.testing.assert_close(shift + within(inside) + within(~inside), full, atol=1e-5, rtol=1e-5)
+    assert bool((shift >= -1e-6).all()) and bool((shift <= full + 1e-6).all())
+    assert float(refusal_shift_kl(base, base, toks).abs().max()) < 1e-6
+
+
 def test_zero_steps_scores_the_start_like_the_pipeline(setup: tuple) -> None:
     """Checkpoint 0's validation terms, from the refiner's own differentiable hooks, equal the pipeline's
     directional_ablation / activation_addition / first_token_kl numbers."""
@@ -54,6 +75,11 @@ def test_zero_steps_scores_the_start_like_the_pipeline(setup: tuple) -> None:
     assert rd.val_start.bypass == pytest.approx(bypass, abs=1e-4)
     assert rd.val_start.induce == pytest.approx(induce, abs=1e-4)
     assert rd.val_start.kl == pytest.approx(kl, abs=1e-5)
+    assert 0.0 <= rd.val_start.kl_refusal_shift <= rd.val_start.kl
+    damage = refine_direction(lm, start, 1, TOKENS, (sets["harmful"]["train"][:8], sets["harmless"]["train"][:8]),
+                              (hv, lv), RefineSettings(steps=0, batch_size=4, damage_kl=True), progress=False).val_start
+    s = RefineSettings()
+    assert damage.value == pytest.approx(rd.val_start.value - s.kl_weight * rd.val_start.kl_refusal_shift, abs=1e-4)
 
 
 @pytest.mark.parametrize("ema", [0.0, 0.5])

@@ -145,3 +145,34 @@ def test_organism_shared_write_adapters_write_into_one_subspace() -> None:
         assert float(delta.norm()) > 1e-3
         torch.testing.assert_close(delta - torch.outer(u, u @ delta), torch.zeros_like(delta), atol=1e-5, rtol=0)
     assert OrganismConfig(shared_write=True).key() != OrganismConfig().key()
+
+
+def test_run_refusal_end_to_end_on_a_tiny_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole pipeline (selection, refinement, test-set generation, metrics, report, direction file) on a
+    tiny random Llama with small prompt files; the refusal tokens are planted since random weights never refuse."""
+    import json
+
+    import featurelens.directions.refusal as refusal
+
+    sets = instruction_sets()
+    for kind in ("harmful", "harmless"):
+        for split in ("train", "val", "test"):
+            (tmp_path / f"{kind}_{split}.txt").write_text("\n".join(sets[kind][split][:6]) + "\n")
+    monkeypatch.setattr(refusal, "learn_refusal_tokens", lambda *a, **k: [ord("I"), ord("S")])
+    lm = LoadedModel(tiny_model("llama", seed=3), CharTokenizer(), "tiny-llama", "tiny-llama")
+    cfg = RefusalConfig(model="tiny-llama", harmful=str(tmp_path), harmless=str(tmp_path), n_val=4, max_kl=1e9,
+                        prune_last_layers=0.0, gen_tokens=4, refine_steps=2, batch_size=3, out=str(tmp_path / "out"))
+    res = refusal.run_refusal(cfg, lm=lm, progress=False)
+    saved = json.loads((tmp_path / "out" / "refusal.json").read_text())
+    m = res.metrics
+    assert saved["layer"] == res.layer and saved["refusal_after"] == m["refusal_after"] and m["refusal_after"]["n"] == 6
+    assert m["refined"]["steps"] == 2 and m["refined"]["best_step"] in (0, 2)
+    assert [h["step"] for h in m["refined"]["history"]] == [0, 2]
+    answered = [not is_refusal(c) for c in generate(lm, sets["harmless"]["test"][:6], 4, 3)]
+    assert all(answered)  # random weights answer everything, so the answered-only KL is the whole KL
+    assert m["kl_harmless_answered"] == pytest.approx(m["kl_harmless"], rel=1e-9)
+    assert 0.0 <= m["kl_harmless_refusal_shift"] <= m["kl_harmless"] + 1e-9
+    assert m["still_refused"] == [] or all(is_refusal(e["after"]) for e in m["still_refused"])
+    vec, meta = refusal.load_direction(tmp_path / "out" / "direction.safetensors")
+    assert meta["layer"] == res.layer and meta["refined"] is True and vec.shape == (lm.model.config.hidden_size,)
+    assert "Refinement" in (tmp_path / "out" / "report.html").read_text()
