@@ -13,7 +13,9 @@ descent through the frozen model, to minimise
 
 on the *training* prompts, keeping it a unit vector orthogonal to the attention-sink subspace. The same
 objective on the *validation* prompts is checked every ``eval_every`` steps, and the best checkpoint wins
-(the starting direction is checkpoint 0, so refinement never returns something worse on validation).
+(the starting direction is checkpoint 0, so refinement never returns something worse on validation). By
+default the validation objective's KL term counts only the part of the KL that is not a change in the
+probability of refusing (``select_damage_kl``; see :func:`refusal_shift_kl`).
 The result is still one direction, so ablation, addition, weight orthogonalization and export work on it
 unchanged.
 """
@@ -45,7 +47,7 @@ from featurelens.models.loading import LoadedModel
 class RefineSettings:
     """Settings of the gradient refinement."""
 
-    steps: int = 60
+    steps: int = 80
     """Adam steps (0: no refinement)."""
     lr: float = 0.01
     """Adam learning rate on the (unit) direction."""
@@ -59,11 +61,15 @@ class RefineSettings:
     """Validation objective every this many steps (the best checkpoint is returned)."""
     seed: int = 0
     """Seed of the batch sampling."""
+    select_damage_kl: bool = True
+    """Pick the checkpoint by the validation objective with only the non-refusal part of the KL (full KL
+    minus the binary KL of the refusal-token mass, by the chain rule). Validation harmless prompts the
+    model itself refuses (the organism refuses whole topics it never saw: "speed up a slow laptop") put
+    most of the full KL there, and removing those refusals is the ablation's job, not damage. On the
+    organism this picks later checkpoints that refuse less on held-out prompts at the same damage."""
     damage_kl: bool = False
-    """True: the KL term leaves out the part of the KL due to the change in the probability of refusing,
-    i.e. the binary KL of the refusal-token mass (chain rule: KL = that binary KL + the KL of what the
-    model says given that it refuses or not, weighted). On harmless prompts the model half-refuses,
-    removing that refusal is what ablation is for, not damage; the reported KL stays the full one."""
+    """Use the non-refusal part of the KL in the *training* objective too (measured on the organism:
+    more refusals and more KL on held-out prompts than training on the full KL, so off)."""
     ema: float = 0.0
     """> 0: checkpoints are an exponential moving average of the iterates with this decay (re-normalised
     and sink-orthogonal), which smooths the noise of small batches; 0: the iterates themselves."""
@@ -82,7 +88,8 @@ class Objective:
     kl_refusal_shift: float
     """The part of ``kl`` due to the change in refusal-token mass (mean binary KL)."""
     value: float
-    """The objective (lower is better)."""
+    """The objective checkpoints are chosen by (lower is better; its KL term is the non-refusal part when
+    ``select_damage_kl``)."""
 
 
 @dataclass(frozen=True)
@@ -135,8 +142,8 @@ def refusal_shift_kl(base_logits: Tensor, logits: Tensor, refusal_tokens: list[i
     return lp.exp() * (lp - lq) + lp_not.exp() * (lp_not - lq_not)
 
 
-def _penalised(kl: Tensor, shift: Tensor, s: RefineSettings) -> Tensor:
-    return (kl - shift).clamp(min=0) if s.damage_kl else kl
+def _penalised(kl: Tensor, shift: Tensor, damage: bool) -> Tensor:
+    return (kl - shift).clamp(min=0) if damage else kl
 
 
 class _Refiner:
@@ -174,7 +181,7 @@ class _Refiner:
                  for k in range(0, len(harmful), batch)]
         b, i, kl, shift = (torch.cat([p[j] for p in parts]) for j in range(4))
         return Objective(float(b.mean()), float(i.mean()), float(kl.mean()), float(shift.mean()),
-                         float(objective_terms(b, i, _penalised(kl, shift, s), s)))
+                         float(objective_terms(b, i, _penalised(kl, shift, s.select_damage_kl), s)))
 
 
 def refine_direction(lm: LoadedModel, start: Tensor, layer: int, refusal_tokens: list[int],
@@ -215,7 +222,7 @@ def refine_direction(lm: LoadedModel, start: Tensor, layer: int, refusal_tokens:
             ih = torch.randint(0, len(train[0]), (s.batch_size,), generator=g).tolist()
             il = torch.randint(0, len(train[1]), (s.batch_size,), generator=g).tolist()
             b, i, kl, shift = ref.terms(r, [train[0][k] for k in ih], [train[1][k] for k in il], base_train[il])
-            loss = objective_terms(b, i, _penalised(kl, shift, s), s)
+            loss = objective_terms(b, i, _penalised(kl, shift, s.damage_kl), s)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -136,7 +136,7 @@ class RefusalConfig:
     """Score every n-th layer only (1: all)."""
     gen_tokens: int = 64
     """New tokens per greedy completion for the refusal judge."""
-    refine_steps: int = 60
+    refine_steps: int = 80
     """Gradient refinement of the chosen direction (featurelens.directions.refine): Adam steps on training
     prompts, best checkpoint by the validation objective; 0 keeps the plain difference-in-means direction."""
     refine_lr: float = 0.01
@@ -145,6 +145,10 @@ class RefusalConfig:
     """Weight of the harmless first-token KL in the refinement objective (and in choosing its start)."""
     refine_induce_weight: float = 0.5
     """Weight of the induce term (refusal under addition on harmless prompts) in the refinement objective."""
+    refine_select_full_kl: bool = False
+    """Choose the refinement checkpoint by the validation objective with the full KL; default: with only the
+    KL that is not a change in how likely the model is to refuse (its own false refusals on harmless
+    prompts are not counted as damage when picking; the reported KL is always the full one)."""
     export: str = ""
     """Write the weight-orthogonalized model here (a plain Hugging Face folder)."""
     out: str = "runs/refusal"
@@ -309,7 +313,8 @@ def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: boo
         unrefined = best
         best = refine_start(cands, cfg.refine_kl_weight)
         settings = RefineSettings(steps=cfg.refine_steps, lr=cfg.refine_lr, kl_weight=cfg.refine_kl_weight,
-                                  induce_weight=cfg.refine_induce_weight, batch_size=cfg.batch_size)
+                                  induce_weight=cfg.refine_induce_weight, batch_size=cfg.batch_size,
+                                  select_damage_kl=not cfg.refine_select_full_kl)
         say(f"refining layer {best.layer} position {best.position} (bypass {best.bypass:+.2f}, KL {best.kl:.3f})")
         rd = refine_direction(lm, ds.direction(best.layer, best.position, cfg.protect_sinks), best.layer, ref_tokens,
                               (sets["harmful"]["train"], sets["harmless"]["train"]),

@@ -63,7 +63,7 @@ def test_zero_steps_scores_the_start_like_the_pipeline(setup: tuple) -> None:
     lm, start, sets = setup
     hv, lv = sets["harmful"]["val"][:6], sets["harmless"]["val"][:6]
     rd = refine_direction(lm, start, 1, TOKENS, (sets["harmful"]["train"][:8], sets["harmless"]["train"][:8]), (hv, lv),
-                          RefineSettings(steps=0, batch_size=4), progress=False)
+                          RefineSettings(steps=0, batch_size=4, select_damage_kl=False), progress=False)
     assert rd.best_step == 0 and len(rd.history) == 1
     torch.testing.assert_close(rd.vector, start, atol=1e-5, rtol=1e-5)
     base = last_logits(lm, lv)
@@ -77,7 +77,7 @@ def test_zero_steps_scores_the_start_like_the_pipeline(setup: tuple) -> None:
     assert rd.val_start.kl == pytest.approx(kl, abs=1e-5)
     assert 0.0 <= rd.val_start.kl_refusal_shift <= rd.val_start.kl
     damage = refine_direction(lm, start, 1, TOKENS, (sets["harmful"]["train"][:8], sets["harmless"]["train"][:8]),
-                              (hv, lv), RefineSettings(steps=0, batch_size=4, damage_kl=True), progress=False).val_start
+                              (hv, lv), RefineSettings(steps=0, batch_size=4), progress=False).val_start
     s = RefineSettings()
     assert damage.value == pytest.approx(rd.val_start.value - s.kl_weight * rd.val_start.kl_refusal_shift, abs=1e-4)
 
