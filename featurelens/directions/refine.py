@@ -114,11 +114,16 @@ class RefinedDirection:
         return float(F.cosine_similarity(self.vector.double(), self.start.double(), dim=0))
 
 
+def _refusal_mass(logits: Tensor, refusal_tokens: list[int]) -> tuple[Tensor, Tensor]:
+    """``[n]`` log P(next token is a refusal token) and log P(it is not), from ``[n, vocab]`` logits."""
+    lp_ref = torch.logsumexp(torch.log_softmax(logits.float(), -1)[:, refusal_tokens], -1).clamp(max=-1e-6)
+    return lp_ref, torch.log(-torch.expm1(lp_ref))
+
+
 def refusal_log_odds(logits: Tensor, refusal_tokens: list[int]) -> Tensor:
     """``[n]`` differentiable log-odds that the next token is a refusal token, from ``[n, vocab]`` logits."""
-    lp = torch.log_softmax(logits.float(), -1)
-    lp_ref = torch.logsumexp(lp[:, refusal_tokens], -1).clamp(max=-1e-6)
-    return lp_ref - torch.log(-torch.expm1(lp_ref))
+    lp_ref, lp_not = _refusal_mass(logits, refusal_tokens)
+    return lp_ref - lp_not
 
 
 def objective_terms(bypass_lo: Tensor, induce_lo: Tensor, kl: Tensor, s: RefineSettings) -> Tensor:
@@ -134,11 +139,8 @@ def _kl_rows(base_logits: Tensor, logits: Tensor) -> Tensor:
 def refusal_shift_kl(base_logits: Tensor, logits: Tensor, refusal_tokens: list[int]) -> Tensor:
     """``[n]`` binary KL(P_clean(refuse) || P_other(refuse)) of the refusal-token mass: by the chain rule the
     part of the full next-token KL that is only the change in how likely the model is to refuse."""
-    def mass(x: Tensor) -> tuple[Tensor, Tensor]:
-        lp = torch.logsumexp(torch.log_softmax(x.float(), -1)[:, refusal_tokens], -1).clamp(max=-1e-6)
-        return lp, torch.log(-torch.expm1(lp))
-    lp, lp_not = mass(base_logits)
-    lq, lq_not = mass(logits)
+    lp, lp_not = _refusal_mass(base_logits, refusal_tokens)
+    lq, lq_not = _refusal_mass(logits, refusal_tokens)
     return lp.exp() * (lp - lq) + lp_not.exp() * (lp_not - lq_not)
 
 
