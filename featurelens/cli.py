@@ -123,6 +123,12 @@ class TrainSource:
     """Learning rate; 0 takes each architecture's default."""
     p_end: float = 1.0
     """Final Lp exponent for relu-family SAEs; below 1 turns on p-annealing (0.5: sqrt penalty)."""
+    bandwidth: float = 0.2
+    """JumpReLU straight-through-estimator kernel width (on activations normalised to norm sqrt(d_in))."""
+    init_threshold: float = 1.0
+    """JumpReLU initial threshold (on normalised activations)."""
+    aux_coeff: float = 1 / 32
+    """AuxK coefficient for topk-style architectures (Gao et al.: 1/32)."""
 
 
 def _grid(src: TrainSource) -> list:
@@ -138,7 +144,8 @@ def _grid(src: TrainSource) -> list:
             for k in split(src.k, int) if topk_like else [32]:
                 for c in [0.0] if topk_like else split(src.sparsity_coeff, float):
                     specs.append(SAESpec(arch=arch, width=width, k=k, sparsity_coeff=c, lr=src.lr,
-                                         p_end=src.p_end if not topk_like else 1.0))
+                                         p_end=src.p_end if not topk_like else 1.0, bandwidth=src.bandwidth,
+                                         init_threshold=src.init_threshold, aux_coeff=src.aux_coeff))
     return specs
 
 
@@ -164,10 +171,20 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
         sm = SiteMap(lm.model)
         site_obj = sm.parse(src.site)
+        from featurelens.data.corpora import iter_texts
+        from featurelens.data.tokenize import pack_contexts
+        from featurelens.distributed import rank_and_world
+
+        contexts = pack_contexts(iter_texts(src.corpus, "train"), lm.tokenizer, src.context_length,
+                                 source_name=f"text source {src.corpus!r}")
         meta = SAEMeta(hook_name=src.site, model_name=lm.name, context_size=src.context_length, hook_layer=site_obj.layer)
-        trainer = Trainer(specs, cfg, sm.dim(site_obj), meta)
-        batches = stream_batches(lm, src.site, cfg.batch_size, corpus=src.corpus, context_length=src.context_length,
-                                 seed=cfg.seed)
+        data_id = f"stream:{lm.name}:{src.site}:{contexts.fingerprint()[:16]}"
+        trainer = Trainer(specs, cfg, sm.dim(site_obj), meta, data_id=data_id)
+        rank, world = rank_and_world()
+        if cfg.batch_size % world:
+            raise FeatureLensError(f"--batch-size {cfg.batch_size} must divide evenly over {world} processes")
+        batches = stream_batches(lm, src.site, cfg.batch_size // world, contexts=contexts, seed=cfg.seed,
+                                 rank=rank, world_size=world)
     trainer.train(batches)
     for r in trainer.runs:
         last = r.log[-1] if r.log else {}

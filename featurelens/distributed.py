@@ -39,3 +39,26 @@ def barrier(world: int) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, world: int, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce of ``t`` over ranks (``sum``, ``mean``, ``min`` or ``max``); a no-op on one process."""
+    if world > 1:
+        import torch.distributed as dist
+
+        red = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]
+        dist.all_reduce(t, op=red)
+        if op == "mean":
+            t /= world
+    return t
+
+
+def all_gather_rows(x: torch.Tensor, world: int) -> torch.Tensor:
+    """Every rank's rows concatenated in rank order (the global batch); ``x`` itself on one process."""
+    if world == 1:
+        return x
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)

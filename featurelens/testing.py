@@ -9,7 +9,10 @@ from typing import Any
 
 import torch
 
-TINY_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "phi3", "gemma2", "gemma3_text", "gpt2", "gpt_neox")
+TINY_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
+                                  "olmo", "olmo2", "gpt2", "gpt_neox")
+POSTNORM_FAMILIES: tuple[str, ...] = ("gemma2", "gemma3_text", "olmo2")
+"""Families whose attention / MLP outputs pass through a norm before the residual add."""
 
 
 def tiny_config(family: str, vocab_size: int = 128) -> Any:
@@ -25,6 +28,14 @@ def tiny_config(family: str, vocab_size: int = 128) -> Any:
         return tf.MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
     if family == "qwen2":
         return tf.Qwen2Config(num_key_value_heads=2, **common)
+    if family == "qwen3":
+        return tf.Qwen3Config(num_key_value_heads=2, head_dim=16, **common)
+    if family == "gemma":
+        return tf.GemmaConfig(num_key_value_heads=2, head_dim=16, **common)
+    if family == "olmo":
+        return tf.OlmoConfig(num_key_value_heads=2, **common)
+    if family == "olmo2":
+        return tf.Olmo2Config(num_key_value_heads=2, **common)
     if family == "phi3":
         return tf.Phi3Config(num_key_value_heads=2, **common)
     if family == "gemma2":

@@ -75,6 +75,9 @@ class HarvestConfig:
     """Keep BOS/EOS/pad positions (excluded by default)."""
     prepend_bos: bool = True
     """Start every context with the BOS token."""
+    keep_first: bool = False
+    """Keep the first position of contexts that do not start with BOS (the attention sink, ~100x the
+    typical norm; excluded by default)."""
     store_tokens: bool = True
     """Store each row's token id next to its context id and position (for showing contexts later)."""
     early_exit: bool = True
@@ -127,7 +130,7 @@ def harvest(cfg: HarvestConfig, model: LoadedModel | None = None, contexts: Cont
         contexts = pack_contexts(
             iter_texts(cfg.corpus, cfg.split, cfg.text_field), model.tokenizer, cfg.context_length,
             n_tokens=cfg.tokens, prepend_bos=cfg.prepend_bos, keep_special=cfg.keep_special,
-            source_name=f"text source {cfg.corpus!r}",
+            source_name=f"text source {cfg.corpus!r}", keep_first=cfg.keep_first,
         )
     tokens_np, keep_np = contexts.tokens, contexts.keep
     # Trim to the fewest contexts holding cfg.tokens kept rows, then cap rows at exactly cfg.tokens.

@@ -239,6 +239,15 @@ class ActivationStore:
             raise FeatureLensError(f"site {site!r} is not in store {self.root}: it holds {', '.join(self.sites)}")
         return site
 
+    def fingerprint(self, site: str | None = None) -> str:
+        """sha256 over the model, the site, and every shard's recorded file checksums: two stores with the
+        same data have the same fingerprint, and a resumed training run can tell a different store apart."""
+        site = self.resolve_site(site)
+        h = hashlib.sha256(json.dumps([self.manifest.get("model"), site, self.n_tokens]).encode())
+        for shard in self.manifest["shards"]:
+            h.update(json.dumps(shard.get("files", {}), sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
     def summary(self) -> dict[str, Any]:
         m = self.manifest
         return {

@@ -2,6 +2,11 @@
 
 The contexts are visited in a seeded order and the rows go through a shuffling buffer, so the stream is
 deterministic: a resumed training run can replay it (at the cost of recomputing the skipped batches).
+
+Under torchrun each rank runs the model on its own share of the contexts (forward group ``g`` of the
+seeded order goes to rank ``g % world_size``) and fills its own buffer, so the ranks' batches are
+disjoint: together they cover every context once per epoch, like one process with the global batch,
+and none is seen twice.
 """
 
 from __future__ import annotations
@@ -29,8 +34,15 @@ def stream_batches(
     seed: int = 0,
     epochs: int = 1_000_000,
     contexts: Contexts | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[torch.Tensor]:
-    """Yield shuffled ``[batch_size, d]`` float32 batches of ``site`` activations (BOS/pad excluded)."""
+    """Yield shuffled ``[batch_size, d]`` float32 batches of ``site`` activations (BOS/pad excluded).
+
+    ``batch_size`` is this rank's share of the global batch; ``rank``/``world_size`` split the contexts
+    between data-parallel processes (see the module docstring)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if contexts is None:
         contexts = pack_contexts(iter_texts(corpus, split), model.tokenizer, context_length,
                                  source_name=f"text source {corpus!r}")
@@ -42,8 +54,10 @@ def stream_batches(
         for epoch in range(epochs):
             rng = np.random.default_rng([seed, epoch])
             order = rng.permutation(n)
-            gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
-            for b0 in range(0, n, contexts_per_forward):
+            gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)) + rank)
+            for g, b0 in enumerate(range(0, n, contexts_per_forward)):
+                if g % world_size != rank:
+                    continue
                 sel = order[b0 : b0 + contexts_per_forward]
                 ids = torch.from_numpy(tokens[sel].astype(np.int64)).to(model.device)
                 acts = cap.forward(ids)[site]

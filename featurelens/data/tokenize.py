@@ -66,6 +66,7 @@ def pack_contexts(
     prepend_bos: bool = True,
     keep_special: bool = False,
     source_name: str = "corpus",
+    keep_first: bool = False,
 ) -> Contexts:
     """Tokenize documents and pack them into contexts of ``context_length`` tokens.
 
@@ -73,6 +74,10 @@ def pack_contexts(
     tokenizer has one. Packing stops once the contexts hold ``n_tokens`` kept positions (None: use all
     text); a final partial context is dropped, so no padding is ever needed. ``keep_special`` keeps
     BOS/EOS/pad positions in the mask.
+
+    Without a BOS (the tokenizer has none, as Qwen2's, or ``prepend_bos`` is off) the first token of
+    every context is the attention sink, with activations ~100x the typical norm; it is excluded from
+    the mask unless ``keep_first`` (or ``keep_special``) is set.
     """
     if context_length < 2:
         raise FeatureLensError(f"context_length must be at least 2, got {context_length}")
@@ -80,6 +85,14 @@ def pack_contexts(
     eos = getattr(tokenizer, "eos_token_id", None)
     body = context_length - (1 if bos is not None else 0)
     specials = np.array(sorted(special_ids(tokenizer)), dtype=np.int64)
+    drop_first = bos is None and not keep_first and not keep_special
+
+    def _keep_row(arr: np.ndarray) -> np.ndarray:
+        k = ~np.isin(arr, specials)
+        if drop_first:
+            k[..., 0] = False
+        return k
+
     rows: list[np.ndarray] = []
     kept = 0
     buf: list[int] = []
@@ -92,7 +105,7 @@ def pack_contexts(
             buf = buf[body:]
             arr = np.asarray(row, dtype=np.int32)
             rows.append(arr)
-            kept += context_length if keep_special else int((~np.isin(arr, specials)).sum())
+            kept += context_length if keep_special else int(_keep_row(arr).sum())
             if n_tokens is not None and kept >= n_tokens:
                 return True
         return False
@@ -118,5 +131,5 @@ def pack_contexts(
             f"{source_name} holds fewer than one context of {context_length} tokens: add text or lower --context-length"
         )
     tokens = np.stack(rows)
-    keep = np.ones_like(tokens, dtype=bool) if keep_special else ~np.isin(tokens, specials)
+    keep = np.ones_like(tokens, dtype=bool) if keep_special else _keep_row(tokens)
     return Contexts(tokens=tokens, keep=keep)

@@ -10,9 +10,10 @@ Supported site kinds (``L`` is a block index):
 ``blocks.L.mlp.hook_post``    the MLP's hidden neurons (input of its down/out projection)
 =========================  =================================================================
 
-For families with norms after attention/MLP (Gemma 2/3), ``hook_attn_out`` and ``hook_mlp_out`` are
-taken after those norms, i.e. exactly what is added to the residual stream, as TransformerLens does;
-so ``resid_post == resid_pre + attn_out + mlp_out`` holds for every family here.
+For families with norms after attention/MLP (Gemma 2/3, and OLMo2, which has only those), ``hook_attn_out``
+and ``hook_mlp_out`` are taken after those norms, i.e. exactly what is added to the residual stream, as
+TransformerLens does; so ``resid_post == resid_pre + attn_out + mlp_out`` holds for every family here
+(tested on a tiny model of each against ``output_hidden_states``).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class FamilyMap:
 
 
 _LLAMA_LIKE = FamilyMap(
-    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "olmo2"),
+    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo"),
     layers="model.layers",
     attn_out="self_attn",
     mlp_out="mlp",
@@ -75,6 +76,14 @@ _LLAMA_LIKE = FamilyMap(
 )
 _GEMMA_POSTNORM = FamilyMap(
     model_types=("gemma2", "gemma3_text", "gemma3"),
+    layers="model.layers",
+    attn_out="post_attention_layernorm",
+    mlp_out="post_feedforward_layernorm",
+    mlp_post="mlp.down_proj",
+    post_norm_writers=True,
+)
+_OLMO2 = FamilyMap(  # no pre-norms: attention / MLP outputs are normalised, then added to the residual
+    model_types=("olmo2",),
     layers="model.layers",
     attn_out="post_attention_layernorm",
     mlp_out="post_feedforward_layernorm",
@@ -102,7 +111,7 @@ _NEOX = FamilyMap(
     writers=("attention.dense", "mlp.dense_4h_to_h"),
 )
 
-FAMILIES: tuple[FamilyMap, ...] = (_LLAMA_LIKE, _GEMMA_POSTNORM, _GPT2, _NEOX)
+FAMILIES: tuple[FamilyMap, ...] = (_LLAMA_LIKE, _GEMMA_POSTNORM, _OLMO2, _GPT2, _NEOX)
 
 
 @dataclass(frozen=True)

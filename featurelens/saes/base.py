@@ -125,6 +125,8 @@ class LossContext:
     """bool ``[d_sae]``: latents that have not fired for the dead window (for AuxK)."""
     aux_coeff: float = 1 / 32
     """Weight of auxiliary losses (AuxK)."""
+    aux_dead_scale: bool = False
+    """AuxK only: multiply by ``min(n_dead / k_aux, 1)`` (sparsify's variant; off follows Gao et al.)."""
 
 
 def mse_per_token(x_hat: Tensor, x: Tensor) -> Tensor:
@@ -245,8 +247,9 @@ class SAE(nn.Module):
             if name not in ("W_enc", "W_dec") and name in self.zero_init and hasattr(self, name):
                 getattr(self, name).index_fill_(axis, idx, 0.0)
 
-    def update_stats(self, out: SAEOutput) -> None:
-        """Update running statistics from a training batch (BatchTopK threshold)."""
+    def update_stats(self, out: SAEOutput, world: int = 1) -> None:
+        """Update running statistics from a training batch (BatchTopK threshold); under torchrun
+        (``world`` > 1) reduce over ranks so that every rank keeps the same value."""
 
     # -- normalisation folding --------------------------------------------------------------------
     @torch.no_grad()

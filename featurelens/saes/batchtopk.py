@@ -14,9 +14,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from featurelens.saes.base import SAE, LossContext, LossOutput, SAEConfig, SAEOutput, mse_per_token
+from featurelens.distributed import all_reduce
+from featurelens.saes.base import SAE, LossContext, LossOutput, SAEConfig, SAEOutput
 from featurelens.saes.registry import register
-from featurelens.saes.topk import auxk_loss
+from featurelens.saes.topk import topk_family_loss
 
 THRESHOLD_MOMENTUM = 0.99
 
@@ -58,12 +59,14 @@ class BatchTopKSAE(SAE):
         return pre * (pre > self.threshold).to(pre.dtype) * (pre > 0).to(pre.dtype)
 
     @torch.no_grad()
-    def update_stats(self, out: SAEOutput) -> None:
+    def update_stats(self, out: SAEOutput, world: int = 1) -> None:
         f = out.dense_feats(self.cfg.d_sae)
         pos = f[f > 0]
-        if pos.numel() == 0:
+        # smallest kept activation of the global batch: min over ranks (inf where a rank kept none)
+        m = pos.min().reshape(1).float() if pos.numel() else f.new_full((1,), float("inf"))
+        m = all_reduce(m, world, "min")[0]
+        if not bool(torch.isfinite(m)):
             return
-        m = pos.min()
         if bool(self.threshold_initialised):
             self.threshold.mul_(THRESHOLD_MOMENTUM).add_((1 - THRESHOLD_MOMENTUM) * m)
         else:
@@ -71,7 +74,7 @@ class BatchTopKSAE(SAE):
             self.threshold_initialised.fill_(True)
 
     def loss(self, x: Tensor, out: SAEOutput, ctx: LossContext) -> LossOutput:
-        return topk_style_loss(self, x, out, ctx)
+        return topk_family_loss(self, x, out, ctx)
 
     def weights_for_saving(self) -> dict[str, Tensor]:
         w = super().weights_for_saving()
@@ -83,10 +86,3 @@ class BatchTopKSAE(SAE):
         w = dict(w)
         w.setdefault("threshold_initialised", torch.tensor(True))
         return w
-
-
-def topk_style_loss(sae: SAE, x: Tensor, out: SAEOutput, ctx: LossContext) -> LossOutput:
-    mse = mse_per_token(out.x_hat, x)
-    assert out.pre is not None
-    aux = auxk_loss(x, out.x_hat, out.pre, sae.W_dec, ctx.dead_mask, k_aux=max(1, sae.cfg.d_in // 2))
-    return LossOutput(mse + ctx.aux_coeff * aux, {"mse": mse.detach(), "aux": aux.detach()})

@@ -9,6 +9,7 @@ Initial threshold 0.001; the coefficient is warmed up by the trainer. Saved with
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import torch
@@ -76,10 +77,20 @@ class JumpReLUSAE(SAE):
     resample_enc_factor: ClassVar[float] = 1.0
 
     def __init__(self, cfg: SAEConfig) -> None:
-        super().__init__(cfg)
-        init = float(cfg.extra.get("init_threshold", DEFAULT_INIT_THRESHOLD))
-        self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), init).log())
-        self.bandwidth = float(cfg.extra.setdefault("bandwidth", DEFAULT_BANDWIDTH))
+        extra = {"bandwidth": DEFAULT_BANDWIDTH, "init_threshold": DEFAULT_INIT_THRESHOLD, **cfg.extra}
+        super().__init__(dataclasses.replace(cfg, extra=extra))  # a copy: the caller's config is kept
+        self.init_threshold = float(extra["init_threshold"])
+        self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), self.init_threshold).log())
+        self.bandwidth = float(extra["bandwidth"])
+
+    latent_axes: ClassVar[dict[str, int]] = {"W_enc": 1, "W_dec": 0, "b_enc": 0, "log_threshold": 0}
+
+    @torch.no_grad()
+    def resample(self, idx: Tensor, directions: Tensor, enc_norm: float) -> None:
+        """As :meth:`SAE.resample`, and the resampled latents' thresholds go back to their initial value
+        (a threshold learned for the old direction would silence or flood the new one)."""
+        super().resample(idx, directions, enc_norm)
+        self.log_threshold.index_fill_(0, idx, float(torch.tensor(self.init_threshold).log()))
 
     @property
     def threshold(self) -> Tensor:

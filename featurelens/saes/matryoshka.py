@@ -2,7 +2,9 @@
 SAEs*; Nabeshima 2024).
 
 The dictionary is cut into nested prefixes ``m_1 < m_2 < ... < m_n = d_sae``; each prefix on its own
-must reconstruct the input, so the loss is the mean over prefixes of ``||x - (f[:m] W_dec[:m] + b_dec)||^2``.
+must reconstruct the input, so the reconstruction loss is the sum over prefixes of
+``||x - (f[:m] W_dec[:m] + b_dec)||^2`` (the paper's Eq.; a mean would weaken AuxK's relative weight and
+the full-dictionary term by the number of prefixes).
 Early latents are pushed towards general features and later ones towards refinements, which reduces
 feature absorption. Activations are BatchTopK during training and a single threshold at inference.
 Default prefixes: d_sae/16, d_sae/8, d_sae/4, d_sae/2, d_sae.
@@ -10,6 +12,7 @@ Default prefixes: d_sae/16, d_sae/8, d_sae/4, d_sae/2, d_sae.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 from torch import Tensor
@@ -17,7 +20,7 @@ from torch import Tensor
 from featurelens.saes.base import LossContext, LossOutput, SAEConfig, SAEOutput
 from featurelens.saes.batchtopk import BatchTopKSAE
 from featurelens.saes.registry import register
-from featurelens.saes.topk import auxk_loss
+from featurelens.saes.topk import topk_family_loss
 
 
 def default_prefixes(d_sae: int) -> list[int]:
@@ -26,7 +29,7 @@ def default_prefixes(d_sae: int) -> list[int]:
 
 
 def matryoshka_loss(x: Tensor, out: SAEOutput, W_dec: Tensor, b_dec: Tensor, prefixes: list[int]) -> tuple[Tensor, Tensor]:
-    """Mean over prefixes of the per-token squared error of each prefix's reconstruction; also the full MSE."""
+    """Sum over prefixes of the per-token squared error of each prefix's reconstruction; also the full MSE."""
     f = out.feats
     assert f is not None
     recon = b_dec.expand_as(x)
@@ -39,7 +42,7 @@ def matryoshka_loss(x: Tensor, out: SAEOutput, W_dec: Tensor, b_dec: Tensor, pre
         total = total + err
         full = err
         start = m
-    return total / len(prefixes), full
+    return total, full
 
 
 @register
@@ -47,14 +50,12 @@ class MatryoshkaSAE(BatchTopKSAE):
     architecture: ClassVar[str] = "matryoshka"
 
     def __init__(self, cfg: SAEConfig) -> None:
-        if not cfg.prefixes:
-            cfg.prefixes = default_prefixes(cfg.d_sae)
+        if not cfg.prefixes:  # a copy: the caller's config is left as it was
+            cfg = dataclasses.replace(cfg, prefixes=default_prefixes(cfg.d_sae))
         if cfg.prefixes[-1] != cfg.d_sae or sorted(set(cfg.prefixes)) != list(cfg.prefixes):
             raise ValueError(f"Matryoshka prefixes must increase strictly and end at d_sae={cfg.d_sae}: {cfg.prefixes}")
         super().__init__(cfg)
 
     def loss(self, x: Tensor, out: SAEOutput, ctx: LossContext) -> LossOutput:
-        nested, full = matryoshka_loss(x, out, self.W_dec, self.b_dec, self.cfg.prefixes)
-        assert out.pre is not None
-        aux = auxk_loss(x, out.x_hat, out.pre, self.W_dec, ctx.dead_mask, k_aux=max(1, self.cfg.d_in // 2))
-        return LossOutput(nested + ctx.aux_coeff * aux, {"mse": full.detach(), "nested": nested.detach(), "aux": aux.detach()})
+        nested, _full = matryoshka_loss(x, out, self.W_dec, self.b_dec, self.cfg.prefixes)
+        return topk_family_loss(self, x, out, ctx, recon=nested)

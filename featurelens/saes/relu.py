@@ -1,7 +1,8 @@
 """ReLU SAEs with L1 or Lp penalties.
 
 * ``relu``: the 2024 "April update" recipe (Anthropic, *Circuits Updates, April 2024*): no unit-norm
-  constraint, the penalty weights each latent by its decoder norm, ``lambda * sum_i |f_i|^p ||W_dec_i||``;
+  constraint, the penalty weights each latent by its decoder norm, ``lambda * sum_i (|f_i| ||W_dec_i||)^p``
+  (invariant to rescaling a latent against its decoder row at every p; at p = 1 the April-update L1);
   the input is not centred by ``b_dec``; decoder rows start as random directions of norm 0.1 and the
   encoder as their transpose. ``p = 1`` is L1; ``p = 0.5`` is the sqrt penalty; the trainer's
   p-annealing (Karvonen et al. 2024, *Measuring Progress in Dictionary Learning...*) lowers p from 1
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import torch
@@ -25,11 +27,16 @@ LP_EPS = 1e-4
 
 
 def lp_penalty(feats: Tensor, dec_norms: Tensor | None, p: float) -> Tensor:
-    """``mean_batch sum_i |f_i|^p * ||W_dec_i||`` (decoder-norm weighting when ``dec_norms`` is given)."""
+    """``mean_batch sum_i (|f_i| * ||W_dec_i||)^p`` (plain ``|f_i|^p`` when ``dec_norms`` is None).
+
+    The decoder norm sits inside the power, so rescaling a latent (``f_i * c``, ``W_dec_i / c``) leaves
+    both the reconstruction and the penalty unchanged at every p. The form ``|f_i|^p * ||W_dec_i||``
+    is not invariant for p < 1 (it falls as ``c^(p-1)``), so training could shrink the penalty by growing
+    activations and shrinking decoder rows instead of becoming sparser."""
     a = feats.abs()
-    v = a if p == 1.0 else (a + LP_EPS).pow(p) - LP_EPS**p
     if dec_norms is not None:
-        v = v * dec_norms
+        a = a * dec_norms
+    v = a if p == 1.0 else (a + LP_EPS).pow(p) - LP_EPS**p
     return v.sum(-1).mean()
 
 
@@ -46,8 +53,7 @@ class ReLUSAE(SAE):
     saelens_architecture: ClassVar[str] = "standard"
 
     def __init__(self, cfg: SAEConfig) -> None:
-        cfg.apply_b_dec_to_input = False
-        super().__init__(cfg)
+        super().__init__(dataclasses.replace(cfg, apply_b_dec_to_input=False))  # a copy: the caller's is kept
 
     def reset_parameters(self, gen: torch.Generator, dec_norm: float = 0.1) -> None:
         super().reset_parameters(gen, dec_norm=dec_norm)

@@ -18,10 +18,10 @@ from featurelens.directions import (
     writer_ablation,
 )
 from featurelens.models.hooks import ActivationCapture
-from featurelens.testing import tiny_model
+from featurelens.testing import POSTNORM_FAMILIES, TINY_FAMILIES, tiny_model
 
-EXACT = ["llama", "qwen2", "mistral", "gpt2", "phi3", "gpt_neox"]
-POSTNORM = ["gemma2", "gemma3_text"]
+POSTNORM = list(POSTNORM_FAMILIES)
+EXACT = [f for f in TINY_FAMILIES if f not in POSTNORM]
 
 
 def _setup(family: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:

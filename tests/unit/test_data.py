@@ -57,7 +57,11 @@ def test_pack_contexts_layout() -> None:
 def test_pack_contexts_stops_at_n_tokens_and_no_bos() -> None:
     docs = ["z" * 1000]
     c = pack_contexts(docs, TOK, context_length=10, n_tokens=35, prepend_bos=False)
-    assert c.tokens.shape == (4, 10) and c.n_tokens == 40 and c.keep.all()
+    # without BOS the first position of each context (the attention sink) is not data: 9 kept per context
+    assert c.tokens.shape == (4, 10) and c.n_tokens == 36
+    assert not c.keep[:, 0].any() and c.keep[:, 1:].all()
+    kept = pack_contexts(docs, TOK, context_length=10, n_tokens=35, prepend_bos=False, keep_first=True)
+    assert kept.tokens.shape == (4, 10) and kept.n_tokens == 40 and kept.keep.all()
     k = pack_contexts(docs, TOK, context_length=10, n_tokens=35, keep_special=True)
     assert k.keep.all()
 

@@ -15,7 +15,6 @@ from featurelens.saes.base import SAE, geometric_median
 from featurelens.saes.batchtopk import batch_topk
 from featurelens.saes.formats import save_sparsify_folder
 from featurelens.saes.jumprelu import JumpReLUFn, StepFn
-from featurelens.saes.matryoshka import matryoshka_loss
 
 D_IN, D_SAE, K = 12, 40, 4
 ALL = ["relu", "relu_unitnorm", "gated", "jumprelu", "topk", "batchtopk", "matryoshka"]
@@ -52,8 +51,10 @@ def test_forward_loss_backward(arch: str) -> None:
     grads = {n: p.grad for n, p in sae.named_parameters()}
     assert grads["W_dec"] is not None and grads["W_dec"].abs().sum() > 0
     assert grads["W_enc"] is not None and grads["W_enc"].abs().sum() > 0
-    if arch in ("topk", "batchtopk", "matryoshka"):
-        assert abs(float(out.l0()) - K) < 1e-6 if arch == "topk" else True
+    if arch == "topk":
+        assert float(out.l0()) == pytest.approx(K)  # exactly k per row (random data: no ties at zero)
+    elif arch in ("batchtopk", "matryoshka"):  # k per row on average over the batch
+        assert int((out.dense_feats(D_SAE) > 0).sum()) == K * 32
 
 
 @pytest.mark.parametrize("arch", ALL)
@@ -155,29 +156,9 @@ def test_batchtopk_training_and_inference() -> None:
     assert torch.equal(fi, pre * (pre > sae.threshold))
 
 
-def test_matryoshka_loss_is_mean_of_prefix_losses() -> None:
-    sae = make("matryoshka", prefixes=[5, 10, 20, 40])
-    x = torch.randn(20, D_IN)
-    out = sae(x)
-    f = out.dense_feats(D_SAE)
-    naive = [((f[:, :m] @ sae.W_dec[:m] + sae.b_dec - x) ** 2).sum(-1).mean() for m in [5, 10, 20, 40]]
-    nested, full = matryoshka_loss(x, out, sae.W_dec, sae.b_dec, [5, 10, 20, 40])
-    torch.testing.assert_close(nested, torch.stack(naive).mean())
-    torch.testing.assert_close(full, naive[-1])
+def test_matryoshka_prefixes_validated() -> None:
     with pytest.raises(ValueError, match="prefixes"):
         make("matryoshka", prefixes=[10, 5, 40])
-
-
-def test_gated_encode_formula() -> None:
-    sae = make("gated")
-    with torch.no_grad():
-        sae.r_mag.normal_()
-    x = torch.randn(8, D_IN)
-    xc = x - sae.b_dec
-    gate = (xc @ sae.W_enc + sae.b_gate) > 0
-    mag = torch.relu(xc @ (sae.W_enc * sae.r_mag.exp()) + sae.b_mag)
-    assert torch.equal(sae.encode(x), gate * mag)
-    assert "b_enc" not in dict(sae.named_parameters())
 
 
 def test_unit_norm_decoder_projection() -> None:
@@ -203,9 +184,7 @@ def test_relu_decoder_norm_weighted_penalty() -> None:
     expect = (f * sae.W_dec.norm(dim=-1)).sum(-1).mean()
     torch.testing.assert_close(lo.parts["sparsity"], expect.detach())
     assert not sae.cfg.apply_b_dec_to_input
-    lo_half = sae.loss(x, out, LossContext(sparsity_coeff=2.0, p=0.5))
-    assert lo_half.parts["sparsity"] > lo.parts["sparsity"] * 0  # finite, defined at p < 1
-    assert torch.isfinite(lo_half.loss)
+    torch.testing.assert_close(lo.loss, lo.parts["mse"] + 2.0 * expect.detach())
 
 
 def test_geometric_median_robust_to_outliers() -> None:

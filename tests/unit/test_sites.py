@@ -8,7 +8,7 @@ import torch
 from featurelens.errors import FeatureLensError
 from featurelens.models.hooks import ActivationCapture
 from featurelens.models.sites import SITE_KINDS, SiteMap, list_sites, parse_site
-from featurelens.testing import TINY_FAMILIES, tiny_model
+from featurelens.testing import POSTNORM_FAMILIES, TINY_FAMILIES, tiny_model
 
 
 @pytest.fixture(scope="module", params=TINY_FAMILIES)
@@ -52,7 +52,7 @@ def test_mlp_post_feeds_down_projection(family_model: tuple[str, torch.nn.Module
     acts = _all_acts(model, x)
     down, _ = sm.module(sm.parse("blocks.1.mlp.hook_post"))
     out = down(acts["blocks.1.mlp.hook_post"])
-    if fam in ("gemma2", "gemma3_text"):
+    if fam in POSTNORM_FAMILIES:
         out = sm.blocks[1].post_feedforward_layernorm(out)
     torch.testing.assert_close(out, acts["blocks.1.hook_mlp_out"], rtol=1e-5, atol=1e-5)
 
@@ -133,3 +133,20 @@ def test_unsupported_architecture_is_clear() -> None:
 
     with pytest.raises(FeatureLensError, match="no site map.*llama"):
         SiteMap(Fake())
+
+
+def test_post_norm_flag_matches_what_the_layer_does(family_model: tuple[str, torch.nn.Module]) -> None:
+    """A family is post-norm exactly when what attention writes to the residual stream (hook_attn_out)
+    is not the raw output of its writer projection, i.e. a norm sits between them."""
+    fam, model = family_model
+    sm = SiteMap(model)
+    writer = sm.writer_modules(1)[0]
+    got: list[torch.Tensor] = []
+    h = writer.register_forward_hook(lambda m, a, o: got.append(o[0] if isinstance(o, tuple) else o))
+    try:
+        acts = _all_acts(model, torch.randint(3, 128, (2, 7)))
+    finally:
+        h.remove()
+    raw_equals_written = torch.allclose(got[0], acts["blocks.1.hook_attn_out"], atol=1e-6)
+    assert sm.family.post_norm_writers == (not raw_equals_written), fam
+    assert sm.family.post_norm_writers == (fam in POSTNORM_FAMILIES)

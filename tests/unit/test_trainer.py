@@ -18,6 +18,7 @@ from featurelens.evaluation.synthetic import SyntheticConfig, SyntheticData, rec
 from featurelens.models.loading import LoadedModel
 from featurelens.saes import load_sae
 from featurelens.training import SAESpec, TrainConfig, Trainer, train_saes
+from featurelens.training.latents import resample_latents
 from tests.conftest import random_contexts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,17 +140,40 @@ def _run(args: list[str]) -> None:
 
 
 def test_torchrun_data_parallel_matches_single_process(tmp_path: Path, tiny_llama: LoadedModel) -> None:
+    """2 gloo ranks vs one process on the same global batches: identical results wherever the objective is
+    a mean over rows (TopK, ReLU, p-annealed ReLU with its coefficient rescaled from the global batch,
+    JumpReLU); every rank holds the same state for all kinds (BatchTopK's threshold is the global minimum);
+    and a run killed under torchrun resumes to exactly the weights of one that was not."""
+    from safetensors.torch import load_file
+
     harvest(HarvestConfig(model="tiny", sites="blocks.1.hook_resid_post", tokens=800, out=str(tmp_path / "store"),
                           batch_size=8, shard_tokens=128, device="cpu"), model=tiny_llama,
             contexts=random_contexts(n_ctx=70), progress=False)
     script = str(ROOT / "tests" / "helpers" / "dist_train.py")
-    _run([sys.executable, script, str(tmp_path / "store"), str(tmp_path / "single"), "64"])
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
-          str(tmp_path / "store"), str(tmp_path / "multi"), "64"])
-    for name in ("topk-w48-k4", "relu-w48-c0.5"):
+    store = str(tmp_path / "store")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
+    _run([sys.executable, script, store, str(tmp_path / "single"), "64"])
+    _run(torchrun + [store, str(tmp_path / "multi"), "64"])
+    for name in ("topk-w48-k4", "relu-w48-c0.5", "relu-anneal", "jumprelu-w48-c10"):
         a, b = load_sae(tmp_path / "single" / name), load_sae(tmp_path / "multi" / name)
         for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=f"{name}.{n}")
+    single = load_file(str(tmp_path / "single" / "rank0.safetensors"))
+    r0, r1 = (load_file(str(tmp_path / "multi" / f"rank{r}.safetensors")) for r in (0, 1))
+    assert set(r0) == set(r1)
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
+    torch.testing.assert_close(r0["relu-anneal.coeff_mult"], single["relu-anneal.coeff_mult"], rtol=1e-6, atol=0)
+    assert float(r0["relu-anneal.coeff_mult"]) != 1.0  # the annealing rescaled the coefficient
+    # kill both ranks at batch 8 (after the checkpoint at step 5), then run the same command again
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    killed = subprocess.run(torchrun + [store, str(tmp_path / "killed"), "64", "8"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0 and (tmp_path / "killed" / "latest.json").exists()
+    _run(torchrun + [store, str(tmp_path / "killed"), "64"])
+    resumed = load_file(str(tmp_path / "killed" / "rank0.safetensors"))
+    for k in r0:
+        assert torch.equal(resumed[k], r0[k]), f"resumed run differs in {k}"
 
 
 def test_resampling_repoints_dead_latents_and_resumes_exactly(tmp_path: Path) -> None:
@@ -181,12 +205,12 @@ def test_resample_sets_directions_biases_and_optimizer_state(tmp_path: Path) -> 
     r = tr.runs[0]
     sae = r.sae
     dead = torch.tensor([3, 17])
-    r.since_fire[dead] = 10**9 + 1
+    r.stats.since_fire[dead] = 10**9 + 1
     x = next(stream(9)) * tr.scale
     with torch.no_grad():
         sae.b_gate[dead] = 5.0
         resid = x - sae(x).x_hat
-    assert tr._resample(r, x) == 2
+    assert resample_latents(sae, r.opt, r.stats, x, 10**9, 0.0, torch.Generator().manual_seed(0)) == 2
     dirs = resid / resid.norm(dim=-1, keepdim=True)
     for i in dead.tolist():
         row = sae.W_dec[i].detach()
@@ -197,7 +221,7 @@ def test_resample_sets_directions_biases_and_optimizer_state(tmp_path: Path) -> 
         st = r.opt.state[sae.W_dec]
         assert st["exp_avg"][i].abs().sum() == 0 and st["exp_avg_sq"][i].abs().sum() == 0
         assert r.opt.state[sae.W_enc]["exp_avg"][:, i].abs().sum() == 0
-    assert int(r.since_fire[dead].max()) == 0
+    assert int(r.stats.since_fire[dead].max()) == 0
     live = sae.W_enc.norm(dim=0)
     expected = sae.resample_enc_factor * float(torch.cat([live[:3], live[4:17], live[18:]]).detach().mean())
     assert float(live[3].detach()) == pytest.approx(expected, rel=1e-4)
