@@ -7,12 +7,16 @@ offline on the same organism; otherwise the reason is reported. The last stdout 
 Targets: refusal_after <= 0.05, harmless_refusal_after_addition >= 0.80, kl_harmless <= 0.10, and the
 exported model's refusal rate equal to the hook-ablated one.
 
-    python benchmarks/refusal.py [--quick]
+    python benchmarks/refusal.py [--quick] [--no-arditi]
+
+Reports our default method (sink protection + refinement) and, under "arditi", Arditi et al.'s exact
+selection (``--method arditi``) on the same organism and prompts.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -36,6 +40,8 @@ def main() -> None:
                     help="python of a venv with heretic-llm (benchmarks/setup_peers.sh makes .heretic-venv)")
     ap.add_argument("--refine-steps", type=int, default=None,
                     help="gradient refinement steps of the chosen direction (default: RefusalConfig's; 0: plain difference in means)")
+    ap.add_argument("--arditi", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run Arditi et al.'s exact selection (--method arditi) and report it next to ours")
     a = ap.parse_args()
     t0 = time.perf_counter()
     path = refusal_organism()
@@ -81,6 +87,14 @@ def main() -> None:
                           "val_refined": {k: round(v, 4) for k, v in ref["val_refined"].items()},
                           "selected_without_refinement": [ref["selected_without_refinement"]["layer"],
                                                           ref["selected_without_refinement"]["position"]]}
+    if a.arditi:  # the paper's recipe on the same organism and prompts, for numbers comparable with the paper
+        t2 = time.perf_counter()
+        ra = run_refusal(dataclasses.replace(cfg, method="arditi", out=a.out + "/arditi", export=""))
+        ma = ra.metrics
+        out["arditi"] = {"layer": ra.layer, "position": ra.position, "refusal_after": ma["refusal_after"]["rate"],
+                         "refusal_after_ci95": ma["refusal_after"]["ci95"], "kl_harmless": round(ma["kl_harmless"], 5),
+                         "harmless_refusal_after_addition": ma["harmless_refusal_after_addition"]["rate"],
+                         "selection_relaxed": ma["selection_relaxed"], "seconds": round(time.perf_counter() - t2, 1)}
     trials = a.heretic_trials if a.heretic_trials is not None else (8 if a.quick else 30)
     if trials <= 0:
         out["heretic"] = "skipped (--heretic-trials 0)"

@@ -43,6 +43,7 @@ from featurelens.data.tokenize import special_ids
 from featurelens.errors import FeatureLensError
 from featurelens.models.hooks import ActivationCapture
 from featurelens.models.loading import LoadedModel, load_model
+from featurelens.models.sites import SiteMap
 from featurelens.saes.base import SAE, load_sae
 
 
@@ -162,10 +163,11 @@ def _load_sides(triples: list[Triple], device: str, preloaded: dict[str, LoadedM
             side.sites.append(t.site)
         if t not in saes:
             sae = load_sae(t.sae, device=side.lm.device).eval()
-            d_model = int(side.lm.config.hidden_size)
-            if sae.cfg.d_in != d_model:
-                raise FeatureLensError(f"SAE {t.sae} takes d_in={sae.cfg.d_in} but {t.model} has width {d_model}: "
-                                       "pair each SAE with the model it was trained on")
+            smap = SiteMap(side.lm.model)
+            width = smap.dim(smap.parse(t.site))  # d_model for residual sites, d_mlp for mlp.hook_post
+            if sae.cfg.d_in != width:
+                raise FeatureLensError(f"SAE {t.sae} takes d_in={sae.cfg.d_in} but {t.site} of {t.model} has width "
+                                       f"{width}: pair each SAE with the model and site it was trained on")
             saes[t] = sae
     return models, saes
 

@@ -18,11 +18,12 @@ and measure what it did and what it cost.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -119,6 +120,10 @@ class RefusalConfig:
 
     model: str = "smollm2-135m-instruct"
     """Chat model spec (its refusals are what gets removed)."""
+    method: Literal["featurelens", "arditi"] = "featurelens"
+    """featurelens: sink protection + gradient refinement (our method, the default since it measures best);
+    arditi: Arditi et al.'s selection exactly - plain difference in means, no sink protection, no refinement,
+    KL < 0.1, induce > 0, not in the last 20% of layers (overrides those four settings)."""
     harmful: str = ""
     """Folder with harmful_{train,val,test}.txt (empty: the built-in sets)."""
     harmless: str = ""
@@ -205,22 +210,30 @@ def select_direction(lm: LoadedModel, ds: DirectionSet, val_harmful: list[str], 
             kl = first_token_kl(base_harmless, last_logits(lm, val_harmless, cfg.batch_size))
         with activation_addition(lm.model, r, layer):
             induce = float(refusal_metric(last_logits(lm, val_harmless, cfg.batch_size), refusal_tokens).mean())
-        c = Candidate(layer, pos, bypass, induce, kl)
-        c.kept = math.isfinite(bypass) and induce > 0 and kl < cfg.max_kl
-        cands.append(c)
+        cands.append(Candidate(layer, pos, bypass, induce, kl))
+    best, relaxed = choose_candidate(cands, cfg.max_kl)
+    return best, cands, relaxed
+
+
+def choose_candidate(cands: list[Candidate], max_kl: float) -> tuple[Candidate, list[str]]:
+    """Arditi et al.'s rule on scored candidates (the layer filter is applied before scoring): the lowest
+    bypass score among those with induce > 0 and KL < ``max_kl``; marks each candidate's ``kept``. When
+    none passes, the filters are relaxed in order (induce first, then KL) and the relaxed ones returned."""
+    for c in cands:
+        c.kept = math.isfinite(c.bypass) and c.induce > 0 and c.kl < max_kl
     kept = [c for c in cands if c.kept]
     relaxed: list[str] = []
     if not kept:  # say so in the results instead of failing: the candidate table is the diagnosis
-        kept = [c for c in cands if math.isfinite(c.bypass) and c.kl < cfg.max_kl]
+        kept = [c for c in cands if math.isfinite(c.bypass) and c.kl < max_kl]
         relaxed = ["induce > 0"]
     if not kept:
         kept = [c for c in cands if math.isfinite(c.bypass)]
-        relaxed = ["induce > 0", f"KL < {cfg.max_kl}"]
+        relaxed = ["induce > 0", f"KL < {max_kl}"]
     if not kept:
         raise FeatureLensError("no candidate direction could be scored: check the prompts and the model")
     if relaxed:
         print(f"warning: no candidate passed every filter; relaxed: {', '.join(relaxed)}", file=sys.stderr)
-    return min(kept, key=lambda c: c.bypass), cands, relaxed
+    return min(kept, key=lambda c: c.bypass), relaxed
 
 
 def save_direction(path: Any, vector: Tensor, meta: dict[str, Any]) -> None:
@@ -288,6 +301,19 @@ def own_completion_ce(lm: LoadedModel, prompts: list[str], completions: list[str
     return total / max(1, count)
 
 
+ARDITI = {"refine_steps": 0, "protect_sinks": False, "max_kl": 0.1, "prune_last_layers": 0.2}
+"""The settings ``method="arditi"`` fixes: Arditi et al. 2024, Sec. 2.3 / App. C (selection filters)."""
+
+
+def method_config(cfg: RefusalConfig) -> RefusalConfig:
+    """The settings a method implies: ``arditi`` pins :data:`ARDITI`; ``featurelens`` keeps ``cfg``."""
+    if cfg.method == "arditi":
+        return dataclasses.replace(cfg, **ARDITI)  # type: ignore[arg-type]
+    if cfg.method != "featurelens":
+        raise FeatureLensError(f"unknown refusal method {cfg.method!r}: use featurelens or arditi")
+    return cfg
+
+
 def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: bool = True) -> RefusalResult:
     """The whole pipeline; writes ``refusal.json``, ``report.html`` and the candidate plot under ``cfg.out``."""
     import json
@@ -296,6 +322,7 @@ def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: boo
     from featurelens.directions.orthogonalize import export_model, orthogonalize_weights
     from featurelens.models.loading import load_model
 
+    cfg = method_config(cfg)
     lm = lm or load_model(cfg.model, device=cfg.device)
     sets = _sets(cfg)
     hv, hlv = sets["harmful"]["val"][: cfg.n_val], sets["harmless"]["val"][: cfg.n_val]
@@ -341,6 +368,7 @@ def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: boo
     m: dict[str, Any] = {
         "model": lm.name, "layer": best.layer, "position": best.position, "refusal_tokens": ref_tokens,
         "selection_relaxed": relaxed,
+        "method": cfg.method,
         "sink_dims_protected": int(ds.sink_basis.shape[0]) if cfg.protect_sinks and ds.sink_basis is not None else 0,
         "best_candidate": asdict(best), "refined": refined or None,
         "refusal_before": rate([is_refusal(c) for c in comp_h_before]),

@@ -74,6 +74,43 @@ def test_svcca_lan2024_compat_keeps_one_component() -> None:
         svcca(x, y, compat="nope")
 
 
+def test_svcca_lan2024_matches_independent_arithmetic() -> None:
+    """The reference code's rule, recomputed with scikit-learn: keep the first k PCA components whose
+    cumulative explained-variance *ratio* reaches 0.99 times the *total variance* (sum of squared singular
+    values of the centred data), then CCA. With one component per side CCA is |Pearson r| of the two
+    first-component scores; with a small total variance the rule keeps several components."""
+    from sklearn.cross_decomposition import CCA
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6)) * 2
+    y = x[:, :4] @ rng.normal(size=(4, 5)) + rng.normal(size=(300, 5))
+    px, py = PCA(n_components=1).fit_transform(x)[:, 0], PCA(n_components=1).fit_transform(y)[:, 0]
+    expect = abs(np.corrcoef(px, py)[0, 1])
+    assert svcca(x, y, compat="lan2024") == pytest.approx(expect, abs=1e-9)
+    # total variance just under 1: the threshold 0.99 * total (about 0.94) is reached after several components
+
+    def to_total(a: np.ndarray, total: float) -> np.ndarray:
+        return a * np.sqrt(total / float((np.linalg.svd(a - a.mean(0), compute_uv=False) ** 2).sum()))
+
+    xs, ys = to_total(x, 0.95), to_total(y, 0.95)
+
+    def lan_k(a: np.ndarray) -> int:
+        pca = PCA().fit(a)
+        total = float((pca.singular_values_**2).sum())
+        return int(np.argmax(np.cumsum(pca.explained_variance_ratio_) >= 0.99 * total)) + 1
+
+    ka, kb = lan_k(xs), lan_k(ys)
+    assert ka > 1 and kb > 1
+    res = svcca_full(xs, ys, compat="lan2024")
+    assert (res.k_a, res.k_b) == (ka, kb)
+    ua, ub = PCA(n_components=ka).fit_transform(xs), PCA(n_components=kb).fit_transform(ys)
+    m = min(ka, kb)
+    sa, sb = CCA(n_components=m, max_iter=5000, tol=1e-12, scale=False).fit(ua, ub).transform(ua, ub)
+    corrs = [abs(np.corrcoef(sa[:, i], sb[:, i])[0, 1]) for i in range(m)]
+    assert res.score == pytest.approx(float(np.mean(corrs)), abs=1e-4)
+
+
 def test_rsa_matches_scipy_spearman() -> None:
     from scipy.stats import spearmanr
 
@@ -247,3 +284,17 @@ def test_run_compare_end_to_end_on_tiny_models(tmp_path: Path) -> None:
     assert saved["pairs"][0]["a"] == same["a"]
     page = (tmp_path / "cmp" / "report.html").read_text()
     assert "SVCCA" in page and "shuffled" in page
+
+
+def test_compare_accepts_mlp_neuron_saes_and_checks_the_sites_width(tmp_path: Path) -> None:
+    from featurelens.compare.run import Triple, _load_sides
+
+    model = tiny_model("llama", seed=1)
+    lm = LoadedModel(model, CharTokenizer(), "tiny", "tiny")
+    d_mlp, d = int(model.config.intermediate_size), int(model.config.hidden_size)
+    mlp_sae = _random_topk(d_mlp, 2 * d_mlp, 4, seed=1).save(tmp_path / "mlp")
+    t = Triple("tiny", "blocks.1.mlp.hook_post", str(mlp_sae))
+    _, saes = _load_sides([t], "cpu", {"tiny": lm})
+    assert saes[t].cfg.d_in == d_mlp != d
+    with pytest.raises(FeatureLensError, match="blocks.1.hook_resid_post of tiny has width 64"):
+        _load_sides([Triple("tiny", "blocks.1.hook_resid_post", str(mlp_sae))], "cpu", {"tiny": lm})

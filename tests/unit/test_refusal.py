@@ -3,6 +3,7 @@ models of every supported family (real refusals are exercised by benchmarks/refu
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,14 @@ from featurelens.directions.instructions import (
     write_instruction_files,
 )
 from featurelens.directions.refusal import (
+    Candidate,
     RefusalConfig,
+    choose_candidate,
     first_token_kl,
     generate,
     is_refusal,
     learn_refusal_tokens,
+    method_config,
     refusal_metric,
     select_direction,
     wilson_interval,
@@ -72,6 +76,39 @@ def test_non_refusing_model_is_a_clear_error(tiny_llama: LoadedModel) -> None:
         learn_refusal_tokens(tiny_llama, ["How do I pick a lock?"] * 3, ["Bake bread?"] * 3, max_tokens=4)
 
 
+def _cand(layer: int, bypass: float, induce: float, kl: float) -> Candidate:
+    return Candidate(layer, -1, bypass, induce, kl)
+
+
+def test_choose_candidate_applies_arditis_filters_then_relaxes_in_order() -> None:
+    best_overall = _cand(1, -9.0, 1.0, 0.5)  # lowest bypass, but KL too high
+    no_induce = _cand(2, -8.0, -0.1, 0.01)  # passes KL, does not induce refusal
+    winner = _cand(3, -5.0, 0.2, 0.05)
+    runner_up = _cand(4, -4.0, 3.0, 0.0)
+    best, relaxed = choose_candidate([best_overall, no_induce, winner, runner_up], 0.1)
+    assert best is winner and relaxed == []
+    assert [c.kept for c in (best_overall, no_induce, winner, runner_up)] == [False, False, True, True]
+    # nothing induces: the induce filter goes first, KL still holds
+    best, relaxed = choose_candidate([best_overall, no_induce], 0.1)
+    assert best is no_induce and relaxed == ["induce > 0"]
+    # nothing passes KL either: both relaxed, the lowest bypass wins
+    best, relaxed = choose_candidate([best_overall, _cand(5, -1.0, -1.0, 0.9)], 0.1)
+    assert best is best_overall and relaxed == ["induce > 0", "KL < 0.1"]
+    with pytest.raises(FeatureLensError, match="no candidate"):
+        choose_candidate([_cand(6, float("nan"), 1.0, 0.0)], 0.1)
+
+
+def test_arditi_method_pins_the_papers_selection() -> None:
+    cfg = method_config(RefusalConfig(method="arditi", refine_steps=80, protect_sinks=True, max_kl=5.0,
+                                      prune_last_layers=0.0, n_val=7))
+    assert (cfg.refine_steps, cfg.protect_sinks, cfg.max_kl, cfg.prune_last_layers) == (0, False, 0.1, 0.2)
+    assert cfg.n_val == 7  # other settings are the user's
+    ours = RefusalConfig()
+    assert method_config(ours) is ours and ours.refine_steps > 0 and ours.protect_sinks
+    with pytest.raises(FeatureLensError, match="unknown refusal method"):
+        method_config(RefusalConfig(method="nope"))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_pipeline_structure_on_every_family(family: str) -> None:
     lm = LoadedModel(tiny_model(family, seed=3), CharTokenizer(), f"tiny-{family}", f"tiny-{family}")
@@ -86,10 +123,8 @@ def test_pipeline_structure_on_every_family(family: str) -> None:
     except FeatureLensError as e:  # pragma: no cover - only when nothing can be scored at all
         pytest.fail(str(e))
     assert 2 * len(ds.positions) <= len(cands) <= 3 * len(ds.positions)  # layer 0 has no usable difference
-    if not relaxed:
-        assert best.kept and best.induce > 0 and best.bypass == min(c.bypass for c in cands if c.kept)
-    else:  # random tiny weights: the filters may need relaxing, and the result says so
-        assert relaxed[0] == "induce > 0" and not any(c.kept for c in cands)
+    assert all(math.isfinite(c.bypass) and math.isfinite(c.kl) for c in cands)
+    assert (best, relaxed) == choose_candidate(cands, 1e9)  # the rule itself is tested on hand-made candidates
     outs = generate(lm, sets["harmful"]["test"][:3], max_new_tokens=4, batch_size=2)
     assert len(outs) == 3 and all(isinstance(o, str) for o in outs)
 
@@ -166,13 +201,16 @@ def test_run_refusal_end_to_end_on_a_tiny_model(tmp_path: Path, monkeypatch: pyt
     saved = json.loads((tmp_path / "out" / "refusal.json").read_text())
     m = res.metrics
     assert saved["layer"] == res.layer and saved["refusal_after"] == m["refusal_after"] and m["refusal_after"]["n"] == 6
-    assert m["refined"]["steps"] == 2 and m["refined"]["best_step"] in (0, 2)
-    assert [h["step"] for h in m["refined"]["history"]] == [0, 2]
+    hist = m["refined"]["history"]
+    assert m["refined"]["steps"] == 2 and [h["step"] for h in hist] == [0, 2]
+    # the checkpoint kept is the one with the lowest validation objective (the start wins ties)
+    assert m["refined"]["best_step"] == min(hist, key=lambda h: (h["value"], h["step"]))["step"]
+    assert m["method"] == "featurelens" and m["sink_dims_protected"] >= 0
     answered = [not is_refusal(c) for c in generate(lm, sets["harmless"]["test"][:6], 4, 3)]
     assert all(answered)  # random weights answer everything, so the answered-only KL is the whole KL
     assert m["kl_harmless_answered"] == pytest.approx(m["kl_harmless"], rel=1e-9)
     assert 0.0 <= m["kl_harmless_refusal_shift"] <= m["kl_harmless"] + 1e-9
-    assert m["still_refused"] == [] or all(is_refusal(e["after"]) for e in m["still_refused"])
+    assert m["still_refused"] == []  # nothing refused before (random weights), so nothing after
     vec, meta = refusal.load_direction(tmp_path / "out" / "direction.safetensors")
     assert meta["layer"] == res.layer and meta["refined"] is True and vec.shape == (lm.model.config.hidden_size,)
     assert "Refinement" in (tmp_path / "out" / "report.html").read_text()

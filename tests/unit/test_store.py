@@ -232,3 +232,56 @@ def test_unshuffled_batches_in_store_order(batch_store: ActivationStore) -> None
 def test_unknown_site_in_store(batch_store: ActivationStore) -> None:
     with pytest.raises(FeatureLensError, match="not in store"):
         batch_store.load("blocks.9.hook_resid_pre")
+
+
+def test_streamed_batches_split_contexts_across_ranks(tiny_llama: LoadedModel) -> None:
+    """Streaming under torchrun: each rank forwards its own share of the contexts, so the two ranks'
+    rows are disjoint and together are exactly the rows one process streams in an epoch."""
+    from featurelens.activations.stream import stream_batches
+
+    ctx = random_contexts(n_ctx=32, ctx_len=12)
+    ctx.tokens[:, 1] = 3 + np.arange(32)  # distinct prefixes: every row's activation is unique
+    ctx.keep[:, 1] = True
+    site = "blocks.1.hook_resid_post"
+    with ActivationCapture(tiny_llama.model, [site]) as cap:
+        full = cap.forward(torch.from_numpy(ctx.tokens.astype(np.int64)))[site][torch.from_numpy(ctx.keep)]
+    where = {r.numpy().tobytes(): i for i, r in enumerate(full)}
+
+    def rows(rank: int, world: int) -> list[int]:
+        out: list[int] = []
+        for b in stream_batches(tiny_llama, site, batch_size=4, contexts=ctx, contexts_per_forward=2, buffer_rows=8,
+                                seed=5, epochs=1, rank=rank, world_size=world):
+            out.extend(where[r.numpy().tobytes()] for r in b)
+        return out
+
+    one, r0, r1 = rows(0, 1), rows(0, 2), rows(1, 2)
+    assert len(set(one)) == len(one) and len(set(r0)) == len(r0) and len(set(r1)) == len(r1)
+    assert not set(r0) & set(r1), "the ranks must not see the same rows"
+    assert len(r0) > 0.3 * len(one) and len(r1) > 0.3 * len(one)
+    # every streamed row is a real row, and the ranks together stream about what one process does
+    assert set(r0) | set(r1) <= set(range(full.shape[0]))
+    # (each rank's shuffling buffer holds back at most buffer_rows + one forward's rows at the epoch end)
+    assert abs(len(r0) + len(r1) - len(one)) <= 2 * (8 + 2 * 12)
+    with pytest.raises(ValueError, match="rank 2"):
+        next(stream_batches(tiny_llama, site, 4, contexts=ctx, rank=2, world_size=2))
+
+
+def test_store_fingerprint_separates_data(tmp_path: Path, tiny_llama: LoadedModel) -> None:
+    """The trainer's run hash includes the store's fingerprint: a resume against other data is refused."""
+    from featurelens.training import SAESpec, TrainConfig, store_trainer
+
+    def make(name: str, seed: int) -> ActivationStore:
+        return harvest(HarvestConfig(model="tiny", sites="blocks.1.hook_resid_post", tokens=300, out=str(tmp_path / name),
+                                     batch_size=8, shard_tokens=128, device="cpu"), model=tiny_llama,
+                       contexts=random_contexts(n_ctx=30, seed=seed), progress=False)
+
+    a, a2, b = make("a", 0), make("a2", 0), make("b", 1)
+    assert a.fingerprint() == a2.fingerprint() != b.fingerprint()
+    cfg = TrainConfig(steps=4, batch_size=32, out=str(tmp_path / "run"), checkpoint_every=2)
+    spec = [SAESpec(arch="topk", width=16, k=2)]
+    tr, batches = store_trainer(a, a.sites[0], spec, cfg)
+    tr.save_checkpoint()
+    tr2, _ = store_trainer(a2, a2.sites[0], spec, cfg)  # same data elsewhere: resumes
+    assert tr2._latest() is not None
+    with pytest.raises(FeatureLensError, match="different training run"):
+        store_trainer(b, b.sites[0], spec, cfg)[0].train(iter([]), progress=False)
