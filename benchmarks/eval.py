@@ -14,8 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from featurelens.cli import DemoConfig
-from featurelens.demo import run_demo
+from featurelens.demo import DemoConfig, run_demo
 from featurelens.evaluation.run import EvalConfig, evaluate
 
 

@@ -48,6 +48,7 @@ def specs(width: int, k: int, seeds: int) -> list[SAESpec]:
         SAESpec(arch="relu", width=width, sparsity_coeff=1.0, p_end=0.5, name="relu-lp-anneal"),
         SAESpec(arch="relu_unitnorm", width=width, sparsity_coeff=1.0),
         SAESpec(arch="gated", width=width, sparsity_coeff=1.0),
+        SAESpec(arch="gated", width=width, sparsity_coeff=3.0, lr=2e-3, name="gated-c3-lr2e-3"),  # gates need a stronger L1
     ]
 
 

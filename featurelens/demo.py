@@ -9,13 +9,37 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from featurelens.activations.harvest import HarvestConfig, harvest
 
-if TYPE_CHECKING:
-    from featurelens.cli import DemoConfig
+
+@dataclass
+class DemoConfig:
+    """The main job on the bundled model and corpus: harvest, train a TopK SAE, evaluate, report."""
+
+    model: str = "smollm2-135m-instruct"
+    """Model spec (bundled alias by default)."""
+    site: str = "blocks.10.hook_resid_post"
+    """Site to harvest and train on."""
+    tokens: int = 300_000
+    """Activation rows to harvest for training."""
+    width: int = 4096
+    """SAE latents."""
+    k: int = 32
+    """Active latents per token."""
+    steps: int = 1200
+    """Training steps."""
+    batch_size: int = 4096
+    """Rows per training step."""
+    eval_tokens: int = 16_000
+    """Held-out evaluation tokens (the corpus' test split)."""
+    out: str = "runs/demo"
+    """Output folder for the store, the SAE, the report and summary.json."""
+    device: str = "auto"
+    """cpu, cuda or auto."""
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:

@@ -44,7 +44,8 @@ from featurelens.errors import FeatureLensError
 from featurelens.models.hooks import ActivationCapture
 from featurelens.models.loading import LoadedModel, load_model
 from featurelens.models.sites import SiteMap
-from featurelens.saes.base import SAE, load_sae
+from featurelens.saes.base import SAE
+from featurelens.saes.formats import load_sae
 
 
 @dataclass

@@ -25,7 +25,8 @@ from featurelens.evaluation.report import context_html, density_histogram, paret
 from featurelens.evaluation.splice import spliced_metrics
 from featurelens.models.hooks import ActivationCapture
 from featurelens.models.loading import LoadedModel, load_model
-from featurelens.saes.base import SAE, load_sae
+from featurelens.saes.base import SAE
+from featurelens.saes.formats import load_sae
 
 
 @dataclass

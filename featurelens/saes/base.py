@@ -319,13 +319,6 @@ def geometric_median(x: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
     return y
 
 
-def load_sae(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> SAE:
-    """Load an SAE folder (ours or SAELens'), a Gemma Scope ``params.npz``, or a sparsify folder."""
-    from featurelens.saes.formats import load_any
-
-    return load_any(Path(path), device=device)
-
-
 def sae_config_from_dict(d: dict[str, Any]) -> SAEConfig:
     names = {f.name for f in dataclasses.fields(SAEConfig)}
     return SAEConfig(**{k: v for k, v in d.items() if k in names})
@@ -352,6 +345,5 @@ __all__ = [
     "LossOutput",
     "LossContext",
     "geometric_median",
-    "load_sae",
     "mse_per_token",
 ]

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,11 @@ def load_sparsify_folder(path: Path, device: str | torch.device = "cpu") -> SAE:
     weights = {"W_enc": w["encoder.weight"].T.contiguous(), "b_enc": w["encoder.bias"], "W_dec": w["W_dec"], "b_dec": w["b_dec"]}
     load_state(sae, weights, path)
     return sae.to(device).eval()
+
+
+def load_sae(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> SAE:
+    """Load an SAE folder (ours or SAELens'), a Gemma Scope ``params.npz``, or a sparsify folder."""
+    return load_any(Path(path), device=device)
 
 
 def load_any(path: Path, device: str | torch.device = "cpu") -> SAE:

@@ -23,7 +23,8 @@ def register(cls: S) -> S:
 
 
 def get_architecture(name: str) -> type[SAE]:
-    _ensure_loaded()
+    # every architecture is registered by then: importing this module runs featurelens/saes/__init__.py
+    # first, which imports each architecture module
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -33,10 +34,4 @@ def get_architecture(name: str) -> type[SAE]:
 
 
 def architectures() -> list[str]:
-    _ensure_loaded()
     return sorted(_REGISTRY)
-
-
-def _ensure_loaded() -> None:
-    # importing the package imports every architecture module, each of which registers itself
-    import featurelens.saes  # noqa: F401

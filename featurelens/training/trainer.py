@@ -146,7 +146,7 @@ class Trainer:
                 if next(it, None) is None:
                     raise FeatureLensError("the batch stream ended before the checkpoint's step: is it the same data?")
         else:
-            head = [b for b in (next(it, None) for _ in range(max(1, min(cfg.init_batches, cfg.steps)))) if b is not None]
+            head = [b for b in (next(it, None) for _ in range(max(1, cfg.init_batches))) if b is not None]
             if not head:
                 raise FeatureLensError("the activation stream is empty")
             if head[0].shape[-1] != self.d_in:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from featurelens.cli import DemoConfig
-from featurelens.demo import run_demo
+from featurelens.demo import DemoConfig, run_demo
 from featurelens.saes import load_sae
 
 pytestmark = pytest.mark.integration

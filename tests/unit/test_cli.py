@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from featurelens.activations.harvest import HarvestConfig
-from featurelens.cli import DemoConfig, build_parser, main
+from featurelens.cli import build_parser, main
 from featurelens.compare.run import CompareConfig
 from featurelens.configs import field_docs
+from featurelens.demo import DemoConfig
 from featurelens.training import TrainConfig
 
 

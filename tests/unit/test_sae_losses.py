@@ -241,7 +241,7 @@ def test_batchtopk_threshold_is_ema_of_smallest_kept_activation() -> None:
     for x in xs:
         out = sae(x)
         f = out.dense_feats(40)
-        mins.append(float(f[f > 0].min()))
+        mins.append(float(f.detach()[f > 0].min()))
         sae.update_stats(out)
     m = THRESHOLD_MOMENTUM
     expect = (mins[0] * m + (1 - m) * mins[1]) * m + (1 - m) * mins[2]
@@ -287,3 +287,57 @@ def test_gated_encode_hand_numbers_and_gradient_routing() -> None:
             ((out.x_hat - x2) ** 2).sum(-1).mean().backward()
             assert sae.b_gate.grad is None or float(sae.b_gate.grad.abs().max()) == 0
             assert sae.b_mag.grad is not None and float(sae.b_mag.grad.abs().max()) > 0
+
+
+def test_gated_learns_the_true_features_at_a_tuned_coefficient() -> None:
+    """Gated vs relu_unitnorm on one synthetic stream (64 features in 32 dims, ~3 active): at L1
+    coefficient 3 and lr 2e-3 gated recovers the features about as well (measured MMCS 0.956 vs 0.978)
+    at a much lower L0 (5.5 vs 29.6). At coefficient 1 it does not (MMCS ~0.5: gates stay open)."""
+    from featurelens.evaluation.synthetic import recovery_metrics
+
+    data = SyntheticData(SyntheticConfig(n_features=64, d=32, avg_active=3, seed=0))
+    specs = [SAESpec(arch="relu_unitnorm", width=128, sparsity_coeff=0.3, name="ru"),
+             SAESpec(arch="gated", width=128, sparsity_coeff=3.0, lr=2e-3, name="gated")]
+    with tempfile.TemporaryDirectory() as d:
+        tr = Trainer(specs, TrainConfig(steps=600, batch_size=512, out=d, checkpoint_every=0, log_every=600,
+                                        warmup_steps=20), d_in=32)
+        ru, gated = tr.train(data.batches(512, seed=1), progress=False)
+    m_ru, m_g = recovery_metrics(data, ru), recovery_metrics(data, gated)
+    assert m_g["mmcs"] > 0.93 and m_g["mmcs"] > m_ru["mmcs"] - 0.04, (m_g, m_ru)
+    assert m_g["recovered_frac"] > 0.75 and m_g["l0"] < 0.5 * m_ru["l0"]
+
+
+def test_resampled_jumprelu_latent_gets_its_initial_threshold_back() -> None:
+    sae = make("jumprelu", extra={"init_threshold": 0.7, "bandwidth": 0.1})
+    with torch.no_grad():
+        sae.log_threshold.fill_(float(torch.tensor(3.0).log()))  # thresholds learned high
+    idx = torch.tensor([2, 5])
+    dirs = torch.nn.functional.normalize(torch.randn(2, 12), dim=-1)
+    sae.resample(idx, dirs, enc_norm=1.0)
+    th = sae.threshold.detach()
+    torch.testing.assert_close(th[idx], torch.full((2,), 0.7))
+    others = torch.ones(40, dtype=torch.bool)
+    others[idx] = False
+    torch.testing.assert_close(th[others], torch.full((38,), 3.0))
+    assert "log_threshold" in sae.latent_axes  # so the trainer also resets its Adam moments
+
+
+def test_scale_and_b_dec_come_from_several_batches(tmp_path: object) -> None:
+    """With init_batches=3 the scale is sqrt(d) / the mean norm over the first three batches (not the
+    first one alone), and b_dec their mean (b_dec_init='mean')."""
+    g = torch.Generator().manual_seed(0)
+    bs = [torch.randn(32, 12, generator=g) * s + 1.0 for s in (1.0, 5.0, 9.0, 1.0)]
+    tr = Trainer([SAESpec(arch="topk", width=32, k=4, b_dec_init="mean")],
+                 TrainConfig(steps=1, batch_size=32, out=str(tmp_path), checkpoint_every=0, init_batches=3), d_in=12)
+    x3 = torch.cat(bs[:3])
+    b_dec_before_training = []
+    orig = tr.runs[0].sae.init_from_data
+
+    def spy(x: torch.Tensor, method: str = "geometric_median") -> None:
+        b_dec_before_training.append(x.clone())
+        orig(x, method)
+
+    tr.runs[0].sae.init_from_data = spy  # type: ignore[method-assign]
+    tr.train(iter(bs), progress=False)
+    assert tr.scale == pytest.approx(12**0.5 / float(x3.norm(dim=-1).mean()), rel=1e-6)
+    torch.testing.assert_close(b_dec_before_training[0], x3 * tr.scale)
