@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from featurelens.atomic import atomic_write_bytes
 from featurelens.distributed import all_gather_rows, all_reduce, barrier, rank_and_world
 from featurelens.errors import FeatureLensError
 from featurelens.saes.base import SAE, LossContext, SAEOutput
@@ -56,7 +57,7 @@ class _Run:
 
 
 def _config_hash(specs: list[SAESpec], cfg: TrainConfig, d_in: int, data_id: str = "") -> str:
-    keep = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("checkpoint_every", "log_every", "device", "wandb_project")}
+    keep = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("checkpoint_every", "log_every", "device", "wandb_project", "out")}
     return run_hash({"specs": [dataclasses.asdict(s) for s in specs], "cfg": keep, "d_in": d_in, "data": data_id})
 
 
@@ -142,6 +143,9 @@ class Trainer:
         head: list[Tensor] = []
         if ckpt is not None:
             self.load_checkpoint(ckpt)
+            if self.rank == 0:
+                for r in self.runs:  # the steps after the checkpoint will be logged again
+                    _truncate_log(self.out / "logs" / f"{r.name}.jsonl", self.step)
             for _ in range(self.step):  # replay the stream up to where the checkpoint was taken
                 if next(it, None) is None:
                     raise FeatureLensError("the batch stream ended before the checkpoint's step: is it the same data?")
@@ -267,6 +271,20 @@ class Trainer:
             out.append(sae)
         barrier(self.world)
         return out
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop metric lines after ``step`` (and a torn last line) from a JSONL log, atomically."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    atomic_write_bytes(path, "".join(f"{line}\n" for line in keep).encode())
 
 
 def _as_float(out: SAEOutput) -> SAEOutput:

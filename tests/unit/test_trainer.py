@@ -225,3 +225,18 @@ def test_resample_sets_directions_biases_and_optimizer_state(tmp_path: Path) -> 
     live = sae.W_enc.norm(dim=0)
     expected = sae.resample_enc_factor * float(torch.cat([live[:3], live[4:17], live[18:]]).detach().mean())
     assert float(live[3].detach()) == pytest.approx(expected, rel=1e-4)
+
+
+def test_resume_log_has_no_repeated_steps_and_out_spelling_does_not_matter(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    cfg = dict(steps=20, batch_size=64, checkpoint_every=6, log_every=2)
+    spec = [SAESpec(arch="topk", width=32, k=4)]
+    with pytest.raises(Killed):
+        train_saes(spec, killing(stream(), 15), TrainConfig(out=str(tmp_path / "run"), **cfg), d_in=D, progress=False)  # type: ignore[arg-type]
+    monkeypatch.chdir(tmp_path)
+    # the same folder spelled differently resumes (the hash holds the data, not the path's text)
+    train_saes(spec, stream(), TrainConfig(out="./run/", **cfg), d_in=D, progress=False)  # type: ignore[arg-type]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "logs" / "topk-w32-k4.jsonl").read_text().splitlines()]
+    assert steps == list(range(2, 21, 2))
