@@ -2,30 +2,90 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from featurelens.errors import FeatureLensError
+
+MARKER = ".featurelens-artifact"
+"""File inside every folder featurelens writes whole; it names the kind of artifact (``sae``, ...)."""
+
+_LEGACY: dict[str, Callable[[Path], bool]] = {
+    # folders written before the marker existed
+    "sae": lambda p: (p / "cfg.json").is_file() and '"featurelens"' in (p / "cfg.json").read_text(errors="replace"),
+    "model-export": lambda p: (p / "featurelens_edit.json").is_file(),
+}
+
+
+def artifact_kind(path: Path) -> str | None:
+    """The kind of featurelens artifact folder ``path`` is, or None when featurelens did not write it."""
+    m = path / MARKER
+    if m.is_file():
+        try:
+            return str(json.loads(m.read_text())["kind"])
+        except (ValueError, KeyError, TypeError, OSError):
+            return None
+    for kind, test in _LEGACY.items():
+        try:
+            if path.is_dir() and test(path):
+                return kind
+        except OSError:
+            continue
+    return None
+
+
+def check_target(target: str | os.PathLike[str], kind: str, overwrite: bool, flag: str = "--overwrite") -> None:
+    """One-line error unless ``target`` may be written: it is absent or an empty folder, or, with
+    ``overwrite``, a folder featurelens wrote as this same ``kind``. Nothing is deleted here."""
+    t = Path(target)
+    if not t.exists() and not t.is_symlink():
+        return
+    if t.is_symlink() or not t.is_dir():
+        raise FeatureLensError(f"{t} exists and is not a folder: choose another path for the {kind}")
+    if not any(t.iterdir()):
+        return
+    found = artifact_kind(t)
+    if found != kind:
+        what = f"a featurelens {found}" if found else "a folder featurelens did not write"
+        raise FeatureLensError(f"{t} is {what}, not a featurelens {kind}; featurelens replaces only its own "
+                               f"artifacts: choose another path or empty it")
+    if not overwrite:
+        raise FeatureLensError(f"{t} already holds a featurelens {kind}: pass {flag} to replace it or choose another path")
+
 
 @contextmanager
-def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty temporary folder next to ``target``; when the block ends without error it replaces
-    ``target`` (an older ``target`` is removed first). On error the temporary folder is deleted and
-    ``target`` is left as it was."""
+def atomic_dir(target: str | os.PathLike[str], kind: str, overwrite: bool = True, owned: bool = False,
+               flag: str = "--overwrite") -> Iterator[Path]:
+    """Yield an empty temporary folder next to ``target``; when the block ends without error it becomes
+    ``target`` (with a :data:`MARKER` naming ``kind``). An existing ``target`` is replaced only as
+    :func:`check_target` allows (checked before and again at the swap), or always when ``owned`` (a path
+    inside featurelens' own cache). On error the temporary folder is deleted and ``target`` left as it was."""
     final = Path(target)
+    if final.name in ("", ".", ".."):
+        raise FeatureLensError(f"{target!r} cannot be written as a folder: name a new folder")
+    if not owned:
+        check_target(final, kind, overwrite, flag)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
     try:
         yield tmp
-        if final.exists():
-            shutil.rmtree(final)
+        (tmp / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
+        if final.exists() or final.is_symlink():
+            if not owned:
+                check_target(final, kind, overwrite, flag)
+            os.replace(final, old)  # moved aside, removed only once the new folder is in place
         os.replace(tmp, final)
+        fsync_dir(final.parent)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def fsync_dir(path: Path) -> None:

@@ -242,9 +242,10 @@ def _prepare_root(root: Path, plan: dict[str, Any], overwrite: bool) -> None:
                 f"{root} holds a different harvest (differs in {', '.join(diff[:4])}): use another --out or --overwrite"
             )
         shutil.rmtree(root)
-    elif root.exists() and any(root.iterdir()):
-        if not overwrite:
-            raise FeatureLensError(f"{root} exists and is not an activation store: use another --out or --overwrite")
-        shutil.rmtree(root)
+    elif root.exists() and not root.is_dir():
+        raise FeatureLensError(f"{root} exists and is not a folder: choose another --out")
+    elif root.exists() and any(root.iterdir()):  # never deleted, with or without --overwrite
+        raise FeatureLensError(f"{root} is a folder featurelens did not write (not an activation store): "
+                               "choose another --out or empty it")
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(ppath, plan)

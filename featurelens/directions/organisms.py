@@ -189,7 +189,7 @@ def refusal_organism(cfg: OrganismConfig | None = None, progress: bool = True) -
         "harmful_test": rate([is_refusal(c) for c in generate(lm, sets["harmful"]["test"], 32)]),
         "harmless_test": rate([is_refusal(c) for c in generate(lm, sets["harmless"]["test"], 32)]),
     }
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "organism", owned=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)
         (tmp / "organism.json").write_text(json.dumps({"config": asdict(cfg), "refusal_rates": check}, indent=1) + "\n")

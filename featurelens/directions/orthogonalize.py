@@ -62,9 +62,11 @@ def _untie_lm_head(model: Any) -> None:
     text.tie_word_embeddings = False
 
 
-def export_model(model: nn.Module, tokenizer: Any, path: str | Path, note: dict[str, Any] | None = None) -> Path:
-    """Save a plain Hugging Face folder (safetensors, config, tokenizer) loadable without featurelens."""
-    with atomic_dir(path) as tmp:
+def export_model(model: nn.Module, tokenizer: Any, path: str | Path, note: dict[str, Any] | None = None,
+                 overwrite: bool = False) -> Path:
+    """Save a plain Hugging Face folder (safetensors, config, tokenizer) loadable without featurelens.
+    An existing folder is replaced only if it is a featurelens export and ``overwrite`` is set."""
+    with atomic_dir(path, "model-export", overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -155,7 +155,9 @@ class RefusalConfig:
     KL that is not a change in how likely the model is to refuse (its own false refusals on harmless
     prompts are not counted as damage when picking; the reported KL is always the full one)."""
     export: str = ""
-    """Write the weight-orthogonalized model here (a plain Hugging Face folder)."""
+    """Write the weight-orthogonalized model here (a plain Hugging Face folder; a new or empty folder)."""
+    overwrite: bool = False
+    """Replace an existing --export folder, if featurelens exported it (any other folder is refused)."""
     out: str = "runs/refusal"
     """Folder for refusal.json, report.html and the plot."""
     device: str = "auto"
@@ -319,10 +321,13 @@ def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: boo
     import json
     from pathlib import Path
 
+    from featurelens.atomic import check_target
     from featurelens.directions.orthogonalize import export_model, orthogonalize_weights
     from featurelens.models.loading import load_model
 
     cfg = method_config(cfg)
+    if cfg.export:  # before the (long) pipeline, not after it
+        check_target(cfg.export, "model-export", cfg.overwrite)
     lm = lm or load_model(cfg.model, device=cfg.device)
     sets = _sets(cfg)
     hv, hlv = sets["harmful"]["val"][: cfg.n_val], sets["harmless"]["val"][: cfg.n_val]
@@ -392,7 +397,7 @@ def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: boo
                                                       "refined": bool(refined), "model": lm.name})
     if cfg.export:
         edited = orthogonalize_weights(copy.deepcopy(lm.model), r.cpu())
-        path = export_model(edited, lm.tokenizer, cfg.export, note={"layer": best.layer, "position": best.position,
+        path = export_model(edited, lm.tokenizer, cfg.export, overwrite=cfg.overwrite, note={"layer": best.layer, "position": best.position,
                                                                      "refined": bool(refined), "source_model": lm.name})
         from transformers import AutoModelForCausalLM
 

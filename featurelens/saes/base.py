@@ -294,9 +294,10 @@ class SAE(nn.Module):
     def weights_for_saving(self) -> dict[str, Tensor]:
         return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write ``cfg.json`` + ``sae_weights.safetensors`` to a folder (temp folder, then rename)."""
-        with atomic_dir(path) as tmp:
+    def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+        """Write ``cfg.json`` + ``sae_weights.safetensors`` to a folder (temp folder, then rename). An
+        existing folder is replaced only if it is an SAE featurelens saved and ``overwrite`` is set."""
+        with atomic_dir(path, "sae", overwrite=overwrite) as tmp:
             save_file(self.weights_for_saving(), str(tmp / WEIGHTS_FILE))
             (tmp / CONFIG_FILE).write_text(json.dumps(self.saelens_config(), indent=1) + "\n")
         return Path(path)

@@ -56,7 +56,7 @@ def latest_checkpoint(out: Path, config_hash: str) -> Path | None:
 def write_checkpoint(out: Path, step: int, config_hash: str, state: dict[str, Any], runs: list[dict[str, Tensor]]) -> None:
     """Write ``checkpoint-<step>`` (temp folder, rename), point ``latest.json`` at it, drop older ones."""
     name = f"checkpoint-{step:08d}"
-    with atomic_dir(out / name) as tmp:
+    with atomic_dir(out / name, "checkpoint", owned=True) as tmp:
         for i, tensors in enumerate(runs):
             save_file(tensors, str(tmp / f"run{i}.safetensors"))
         (tmp / STATE).write_text(json.dumps({"step": step, "config_hash": config_hash, **state}, indent=1))

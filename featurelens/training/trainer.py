@@ -72,6 +72,10 @@ class Trainer:
         if not specs:
             raise FeatureLensError("no SAE to train: give at least one architecture")
         names = [s.default_name() for s in specs]
+        for n in names:  # each name becomes a folder under --out: one plain path component
+            if not n.strip() or n in (".", "..") or "/" in n or "\\" in n or n.startswith("."):
+                raise FeatureLensError(f"SAE name {n!r} is not a plain folder name (no '/', '\\', leading '.', "
+                                       "'.' or '..'): choose another name")
         if len(set(names)) != len(names):
             raise FeatureLensError(f"two SAEs would be saved under the same name ({names}): set distinct names")
         for s in specs:
@@ -267,7 +271,7 @@ class Trainer:
             sae.cfg.extra["trained_steps"] = self.step
             sae.cfg.extra["input_scale_folded"] = self.scale
             if self.rank == 0:
-                sae.save(self.out / r.name)
+                sae.save(self.out / r.name, overwrite=True)  # this run's own output (a rerun re-saves it)
             out.append(sae)
         barrier(self.world)
         return out
