@@ -14,6 +14,7 @@ on raw activations and its latent activations are unchanged.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from featurelens.errors import FeatureLensError
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "cfg.json"
 FORMAT_VERSION = 1
+WEIGHTS_SHA_KEY = "featurelens_weights_sha256"
+"""cfg.json key holding the sha256 of the weights file featurelens saved (checked on load when present)."""
 
 
 @dataclass
@@ -299,7 +302,9 @@ class SAE(nn.Module):
         existing folder is replaced only if it is an SAE featurelens saved and ``overwrite`` is set."""
         with atomic_dir(path, "sae", overwrite=overwrite) as tmp:
             save_file(self.weights_for_saving(), str(tmp / WEIGHTS_FILE))
-            (tmp / CONFIG_FILE).write_text(json.dumps(self.saelens_config(), indent=1) + "\n")
+            cfg = self.saelens_config()
+            cfg[WEIGHTS_SHA_KEY] = hashlib.sha256((tmp / WEIGHTS_FILE).read_bytes()).hexdigest()
+            (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=1, allow_nan=False) + "\n")
         return Path(path)
 
     @classmethod
@@ -335,6 +340,10 @@ def load_state(sae: SAE, weights: dict[str, Tensor], source: Path) -> SAE:
             raise FeatureLensError(
                 f"{source}: tensor {k} has shape {tuple(weights[k].shape)}, expected {tuple(sae.state_dict()[k].shape)}"
             )
+    for k in expected:
+        if weights[k].is_floating_point() and not bool(torch.isfinite(weights[k]).all()):
+            raise FeatureLensError(f"{source}: tensor {k} holds NaN or Inf values: the SAE is damaged, retrain or "
+                                   "fetch it again")
     sae.load_state_dict({k: weights[k] for k in expected})
     return sae
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,7 +23,15 @@ import torch
 from safetensors.torch import load_file
 
 from featurelens.errors import FeatureLensError
-from featurelens.saes.base import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig, load_state, sae_config_from_dict
+from featurelens.saes.base import (
+    CONFIG_FILE,
+    SAE,
+    WEIGHTS_FILE,
+    WEIGHTS_SHA_KEY,
+    SAEConfig,
+    load_state,
+    sae_config_from_dict,
+)
 from featurelens.saes.registry import get_architecture
 
 SAELENS_TO_FEATURELENS = {"standard": "relu_unitnorm", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
@@ -44,9 +53,24 @@ def _read_json(path: Path) -> dict[str, Any]:
     return out
 
 
+def _load_safetensors(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a recorded checksum that does not match, or an unreadable file, is a
+    one-line error."""
+    if sha256 is not None:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != sha256:
+            raise FeatureLensError(f"{path} does not match the sha256 recorded in its cfg.json: the weights are "
+                                   "damaged, retrain or copy the SAE again")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for truncated / corrupt headers
+        raise FeatureLensError(f"{path} is not a readable safetensors file ({type(e).__name__}): the SAE is damaged") from None
+
+
 def load_saelens_folder(path: Path, device: str | torch.device = "cpu") -> SAE:
     cfg_d = _read_json(path / CONFIG_FILE)
-    weights = load_file(str(path / WEIGHTS_FILE))
+    sha = cfg_d.get(WEIGHTS_SHA_KEY)
+    weights = _load_safetensors(path / WEIGHTS_FILE, str(sha) if sha else None)
     if "featurelens" in cfg_d:
         cfg = sae_config_from_dict(cfg_d["featurelens"])
     else:
@@ -95,7 +119,7 @@ def load_gemma_scope_npz(path: Path, device: str | torch.device = "cpu", hook_na
 
 def load_sparsify_folder(path: Path, device: str | torch.device = "cpu") -> SAE:
     cfg_d = _read_json(path / CONFIG_FILE)
-    w = load_file(str(path / "sae.safetensors"))
+    w = _load_safetensors(path / "sae.safetensors")
     if "W_skip" in w or cfg_d.get("skip_connection") or cfg_d.get("transcode"):
         raise FeatureLensError(f"{path}: sparsify transcoders / skip connections are not supported")
     if cfg_d.get("activation", "topk") != "topk":

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from featurelens.activations.harvest import HarvestConfig, harvest
 from featurelens.atomic import MARKER, artifact_kind, atomic_dir
@@ -108,3 +109,33 @@ def test_harvest_overwrite_never_deletes_a_non_store_folder(tmp_path: Path, tiny
         harvest(cfg, model=tiny_llama, contexts=random_contexts(n_ctx=12), progress=False)
     assert "--overwrite" not in str(e.value)  # the advice must not be to delete it
     assert _snapshot(tmp_path / "mine") == before
+
+
+def test_damaged_sae_weights_are_refused_on_load(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sae = _sae()
+    path = sae.save(tmp_path / "s")
+    w = path / "sae_weights.safetensors"
+    raw = bytearray(w.read_bytes())
+    raw[-3] ^= 0x01  # one flipped bit in the tensor data
+    w.write_bytes(bytes(raw))
+    with pytest.raises(FeatureLensError, match="does not match the sha256"):
+        load_sae(path)
+    w.write_bytes(raw[:40])  # truncated
+    cfg = path / "cfg.json"
+    import json
+
+    d = json.loads(cfg.read_text())
+    d.pop("featurelens_weights_sha256")  # as in a foreign SAELens folder: no checksum to check
+    cfg.write_text(json.dumps(d))
+    with pytest.raises(FeatureLensError, match="not a readable safetensors"):
+        load_sae(path)
+    bad = {k: v.clone() for k, v in _sae().state_dict().items()}
+    bad["W_dec"][3, 1] = float("nan")
+    save_file(bad, str(w))
+    with pytest.raises(FeatureLensError, match="W_dec holds NaN"):
+        load_sae(path)
+    good = {k: v.clone() for k, v in _sae().state_dict().items()}
+    save_file(good, str(w))
+    assert torch.equal(load_sae(path).W_dec, load_file(str(w))["W_dec"])  # without a checksum it still loads
