@@ -109,15 +109,21 @@ class TrainSource:
 def _grid(src: TrainSource) -> list:
     from featurelens.training import SAESpec
 
-    def split(v: str, typ: type) -> list:
-        return [typ(x) for x in v.split(",") if x.strip()]
+    def split(v: str, typ: type, flag: str) -> list:
+        try:
+            out = [typ(x) for x in v.split(",") if x.strip()]
+        except ValueError:
+            raise FeatureLensError(f"--{flag} {v!r} is not a comma-separated list of {typ.__name__}s") from None
+        if not out:
+            raise FeatureLensError(f"--{flag} is empty: give at least one value")
+        return out
 
     specs = []
-    for arch in split(src.arch, str):
+    for arch in split(src.arch, str, "arch"):
         topk_like = arch in ("topk", "batchtopk", "matryoshka")
-        for width in split(src.width, int):
-            for k in split(src.k, int) if topk_like else [32]:
-                for c in [0.0] if topk_like else split(src.sparsity_coeff, float):
+        for width in split(src.width, int, "width"):
+            for k in split(src.k, int, "k") if topk_like else [32]:
+                for c in [0.0] if topk_like else split(src.sparsity_coeff, float, "sparsity-coeff"):
                     specs.append(SAESpec(arch=arch, width=width, k=k, sparsity_coeff=c, lr=src.lr,
                                          p_end=src.p_end if not topk_like else 1.0, bandwidth=src.bandwidth,
                                          init_threshold=src.init_threshold, aux_coeff=src.aux_coeff))

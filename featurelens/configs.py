@@ -86,3 +86,36 @@ def dataclass_from_args(cls: type[T], ns: argparse.Namespace) -> T:
     """Build a config dataclass from parsed arguments (fields absent from the namespace keep defaults)."""
     kwargs = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}  # type: ignore[arg-type]
     return cls(**kwargs)
+
+
+def check_ranges(cfg: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                 fractions: tuple[str, ...] = ()) -> None:
+    """One-line :class:`FeatureLensError` naming the first field out of range: ``positive`` (> 0),
+    ``non_negative`` (>= 0) or ``fractions`` (in [0, 1]); the flag is spelled as on the command line."""
+    from featurelens.errors import FeatureLensError
+
+    def bad(name: str, want: str) -> FeatureLensError:
+        return FeatureLensError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is invalid: it must be {want}")
+
+    for name in positive:
+        v = getattr(cfg, name)
+        if not (isinstance(v, (int, float)) and v > 0 and v == v and v != float("inf")):
+            raise bad(name, "a positive number (> 0)")
+    for name in non_negative:
+        v = getattr(cfg, name)
+        if not (isinstance(v, (int, float)) and v >= 0 and v == v and v != float("inf")):
+            raise bad(name, "a non-negative number (>= 0)")
+    for name in fractions:
+        v = getattr(cfg, name)
+        if not (isinstance(v, (int, float)) and 0 <= v <= 1):
+            raise bad(name, "between 0 and 1")
+
+
+def check_device(device: str) -> None:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto``; anything else is a one-line error."""
+    import re
+
+    from featurelens.errors import FeatureLensError
+
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", device):
+        raise FeatureLensError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or auto")

@@ -85,6 +85,12 @@ class HarvestConfig:
     overwrite: bool = False
     """Delete an existing store at --out that belongs to a different harvest."""
 
+    def __post_init__(self) -> None:
+        from featurelens.configs import check_device, check_ranges
+
+        check_ranges(self, positive=("tokens", "batch_size", "shard_tokens", "context_length"))
+        check_device(self.device)
+
     def site_list(self) -> list[str]:
         return [s.strip() for s in self.sites.split(",") if s.strip()]
 

@@ -60,6 +60,12 @@ class EvalConfig:
     seed: int = 0
     """Seed for choosing which latents to show."""
 
+    def __post_init__(self) -> None:
+        from featurelens.configs import check_device, check_ranges
+
+        check_ranges(self, positive=("tokens", "batch_size", "context_length"), non_negative=("latents_shown", "top_contexts"))
+        check_device(self.device)
+
 
 def _batches(ctx: Contexts, bs: int, device: torch.device) -> Any:
     for b in range(0, ctx.tokens.shape[0], bs):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from featurelens.configs import check_device, check_ranges
 from featurelens.saes.base import SAE, SAEConfig
 from featurelens.saes.matryoshka import default_prefixes
 from featurelens.saes.registry import get_architecture
@@ -52,6 +53,10 @@ class SAESpec:
     """TopK: sparse decode and sparse encoder backward (False: dense reference path)."""
     name: str = ""
     """Output subfolder; empty derives one from arch and hyperparameters."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("width", "k", "bandwidth", "init_threshold"),
+                     non_negative=("sparsity_coeff", "lr", "aux_coeff", "p_start", "p_end"), fractions=("p_anneal_start",))
 
     def default_name(self) -> str:
         if self.name:
@@ -122,6 +127,12 @@ class TrainConfig:
     """torch.compile each SAE's forward."""
     wandb_project: str = ""
     """Log to this Weights & Biases project when wandb is installed (empty: off)."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("steps", "batch_size", "log_every", "dead_tokens", "init_batches"),
+                     non_negative=("warmup_steps", "grad_clip", "checkpoint_every", "resample_every", "resample_min_freq"),
+                     fractions=("decay_start", "sparsity_warmup", "resample_until", "adam_beta1", "adam_beta2"))
+        check_device(self.device)
 
 
 @dataclass

@@ -77,3 +77,40 @@ def test_compare_flags_and_bad_triple_error(capsys: pytest.CaptureFixture[str]) 
     assert main(["compare", "--a", "nonsense", "--b", "m:blocks.1.hook_resid_post:s"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "MODEL:SITE:SAE" in err[0]
+
+
+BAD_FLAGS = [
+    ["train", "--acts", "x", "--steps", "0"],
+    ["train", "--acts", "x", "--steps", "-3"],
+    ["train", "--acts", "x", "--batch-size", "0"],
+    ["train", "--acts", "x", "--width", "abc"],
+    ["train", "--acts", "x", "--width", "-5"],
+    ["train", "--acts", "x", "--width", "0"],
+    ["train", "--acts", "x", "--width", ","],
+    ["train", "--acts", "x", "--k", "1.5"],
+    ["train", "--acts", "x", "--lr", "-1"],
+    ["train", "--acts", "x", "--device", "tpu"],
+    ["train", "--acts", "x", "--decay-start", "1.5"],
+    ["train", "--acts", "x", "--log-every", "0"],
+    ["train", "--acts", "x", "--arch", "jumprelu", "--bandwidth", "0"],
+    ["eval", "sae", "--tokens", "0"],
+    ["eval", "sae", "--tokens", "-10"],
+    ["eval", "sae", "--latents-shown", "-5"],
+    ["eval", "sae", "--device", "gpu0"],
+    ["harvest", "--shard-tokens", "0"],
+    ["harvest", "--tokens", "-1"],
+    ["harvest", "--batch-size", "0"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_FLAGS, ids=[" ".join(a) for a in BAD_FLAGS])
+def test_bad_numeric_flags_are_one_line_errors(argv: list[str], capsys: pytest.CaptureFixture[str],
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before any work (no file is written), with exit code 2 and one line naming the flag."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("featurelens: error: --") and "Traceback" not in err
+    flag = [a for a in argv if a.startswith("--")][-1]  # the bad one is the last flag given
+    assert flag in err
+    assert list(tmp_path.iterdir()) == []
