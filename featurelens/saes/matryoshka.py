@@ -28,21 +28,18 @@ def default_prefixes(d_sae: int) -> list[int]:
     return sizes
 
 
-def matryoshka_loss(x: Tensor, out: SAEOutput, W_dec: Tensor, b_dec: Tensor, prefixes: list[int]) -> tuple[Tensor, Tensor]:
-    """Sum over prefixes of the per-token squared error of each prefix's reconstruction; also the full MSE."""
+def matryoshka_loss(x: Tensor, out: SAEOutput, W_dec: Tensor, b_dec: Tensor, prefixes: list[int]) -> Tensor:
+    """Sum over prefixes of the per-token squared error of each prefix's reconstruction."""
     f = out.feats
     assert f is not None
     recon = b_dec.expand_as(x)
     total = x.new_zeros(())
     start = 0
-    full = total
     for m in prefixes:
         recon = recon + f[:, start:m] @ W_dec[start:m]
-        err = (recon - x).pow(2).sum(-1).mean()
-        total = total + err
-        full = err
+        total = total + (recon - x).pow(2).sum(-1).mean()
         start = m
-    return total, full
+    return total
 
 
 @register
@@ -57,5 +54,4 @@ class MatryoshkaSAE(BatchTopKSAE):
         super().__init__(cfg)
 
     def loss(self, x: Tensor, out: SAEOutput, ctx: LossContext) -> LossOutput:
-        nested, _full = matryoshka_loss(x, out, self.W_dec, self.b_dec, self.cfg.prefixes)
-        return topk_family_loss(self, x, out, ctx, recon=nested)
+        return topk_family_loss(self, x, out, ctx, recon=matryoshka_loss(x, out, self.W_dec, self.b_dec, self.cfg.prefixes))

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from featurelens.atomic import atomic_dir, atomic_write_bytes
+from featurelens.atomic import artifact_kind, atomic_dir, atomic_write_bytes
 from featurelens.errors import FeatureLensError
 
 LATEST = "latest.json"
@@ -61,8 +61,8 @@ def write_checkpoint(out: Path, step: int, config_hash: str, state: dict[str, An
             save_file(tensors, str(tmp / f"run{i}.safetensors"))
         (tmp / STATE).write_text(json.dumps({"step": step, "config_hash": config_hash, **state}, indent=1))
     atomic_write_bytes(out / LATEST, json.dumps({"checkpoint": name, "step": step, "config_hash": config_hash}).encode())
-    for old in out.glob("checkpoint-*"):
-        if old.name != name:
+    for old in out.glob("checkpoint-*"):  # older checkpoints of this run; nothing else that matches the name
+        if old.name != name and old.is_dir() and (artifact_kind(old) == "checkpoint" or (old / STATE).is_file()):
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -139,3 +139,15 @@ def test_damaged_sae_weights_are_refused_on_load(tmp_path: Path) -> None:
     good = {k: v.clone() for k, v in _sae().state_dict().items()}
     save_file(good, str(w))
     assert torch.equal(load_sae(path).W_dec, load_file(str(w))["W_dec"])  # without a checksum it still loads
+
+
+def test_checkpoint_cleanup_keeps_folders_that_only_share_the_name(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    before = _user_folder(out / "checkpoint-notes")  # a user's folder whose name matches checkpoint-*
+    cfg = TrainConfig(steps=6, batch_size=32, out=str(out), checkpoint_every=2)
+    g = torch.Generator().manual_seed(0)
+    Trainer([SAESpec(arch="topk", width=16, k=2)], cfg, d_in=8).train(
+        iter([torch.randn(32, 8, generator=g) for _ in range(6)]), progress=False)
+    ckpts = sorted(p.name for p in out.glob("checkpoint-0*"))
+    assert ckpts == ["checkpoint-00000006"]  # the run's older checkpoints were removed
+    assert _snapshot(out / "checkpoint-notes") == before
