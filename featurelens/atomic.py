@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from featurelens.errors import FeatureLensError
+from featurelens.errors import UsageError
 
 MARKER = ".featurelens-artifact"
 """File inside every folder featurelens writes whole; it names the kind of artifact (``sae``, ...)."""
@@ -46,16 +46,16 @@ def check_target(target: str | os.PathLike[str], kind: str, overwrite: bool, fla
     if not t.exists() and not t.is_symlink():
         return
     if t.is_symlink() or not t.is_dir():
-        raise FeatureLensError(f"{t} exists and is not a folder: choose another path for the {kind}")
+        raise UsageError(f"{t} exists and is not a folder: choose another path for the {kind}")
     if not any(t.iterdir()):
         return
     found = artifact_kind(t)
     if found != kind:
         what = f"a featurelens {found}" if found else "a folder featurelens did not write"
-        raise FeatureLensError(f"{t} is {what}, not a featurelens {kind}; featurelens replaces only its own "
+        raise UsageError(f"{t} is {what}, not a featurelens {kind}; featurelens replaces only its own "
                                f"artifacts: choose another path or empty it")
     if not overwrite:
-        raise FeatureLensError(f"{t} already holds a featurelens {kind}: pass {flag} to replace it or choose another path")
+        raise UsageError(f"{t} already holds a featurelens {kind}: pass {flag} to replace it or choose another path")
 
 
 @contextmanager
@@ -67,7 +67,7 @@ def atomic_dir(target: str | os.PathLike[str], kind: str, overwrite: bool = True
     inside featurelens' own cache). On error the temporary folder is deleted and ``target`` left as it was."""
     final = Path(target)
     if final.name in ("", ".", ".."):
-        raise FeatureLensError(f"{target!r} cannot be written as a folder: name a new folder")
+        raise UsageError(f"{target!r} cannot be written as a folder: name a new folder")
     if not owned:
         check_target(final, kind, overwrite, flag)
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from featurelens.configs import add_dataclass_args, dataclass_from_args
 from featurelens.demo import DemoConfig
-from featurelens.errors import FeatureLensError
+from featurelens.errors import FeatureLensError, UsageError
 
 
 def _cmd_models(_ns: argparse.Namespace) -> int:
@@ -67,8 +69,11 @@ def _cmd_corpus(ns: argparse.Namespace) -> int:
         if not manifest.exists():
             print(f"default corpus not installed (would live at {d}): run `featurelens corpus install`")
             return 1
-        info = json.loads(manifest.read_text())
-        print(json.dumps({"path": str(d), "source": info["source"], "works": len(info["files"])}, indent=1))
+        from featurelens.jsonio import read_json
+
+        info = read_json(manifest, "reinstall it: featurelens corpus install --force")
+        print(json.dumps({"path": str(d), "source": info.get("source"), "works": len(info.get("files") or [])},
+                         indent=1))
     return 0
 
 
@@ -113,9 +118,9 @@ def _grid(src: TrainSource) -> list:
         try:
             out = [typ(x) for x in v.split(",") if x.strip()]
         except ValueError:
-            raise FeatureLensError(f"--{flag} {v!r} is not a comma-separated list of {typ.__name__}s") from None
+            raise UsageError(f"--{flag} {v!r} is not a comma-separated list of {typ.__name__}s") from None
         if not out:
-            raise FeatureLensError(f"--{flag} is empty: give at least one value")
+            raise UsageError(f"--{flag} is empty: give at least one value")
         return out
 
     specs = []
@@ -143,7 +148,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         trainer, batches = store_trainer(store, site, specs, cfg)
     else:
         if not (src.model and src.site):
-            raise FeatureLensError("give --acts STORE, or --model M and --site S to stream activations from a model")
+            raise UsageError("give --acts STORE, or --model M and --site S to stream activations from a model")
         from featurelens.activations.stream import stream_batches
         from featurelens.models.loading import load_model
 
@@ -163,7 +168,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         trainer = Trainer(specs, cfg, sm.dim(site_obj), meta, data_id=data_id)
         rank, world = rank_and_world()
         if cfg.batch_size % world:
-            raise FeatureLensError(f"--batch-size {cfg.batch_size} must divide evenly over {world} processes")
+            raise UsageError(f"--batch-size {cfg.batch_size} must divide evenly over {world} processes")
         batches = stream_batches(lm, src.site, cfg.batch_size // world, contexts=contexts, seed=cfg.seed,
                                  rank=rank, world_size=world)
     trainer.train(batches)
@@ -193,7 +198,7 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
     src = dataclass_from_args(TrainSource, ns)
     cfg = dataclass_from_args(TrainConfig, ns)
     if not src.acts:
-        raise FeatureLensError("sweep trains from an activation store: pass --acts STORE (see `featurelens harvest`)")
+        raise UsageError("sweep trains from an activation store: pass --acts STORE (see `featurelens harvest`)")
     store = ActivationStore(src.acts)
     site = src.site or store.sites[0]
     trainer, batches = store_trainer(store, site, _grid(src), cfg)
@@ -268,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     from featurelens import __version__
     from featurelens.activations.harvest import HarvestConfig
 
-    p = argparse.ArgumentParser(prog="featurelens", description="Mechanistic interpretability for Hugging Face causal LMs.")
+    p = _Parser(prog="featurelens", description="Mechanistic interpretability for Hugging Face causal LMs.")
     p.add_argument("--version", action="version", version=f"featurelens {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -344,17 +349,63 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (the usage text is what ``--help`` is for)."""
+
+    def error(self, message: str) -> NoReturn:
+        _say(f"{self.prog}: error: {message} (see `{self.prog} --help`)")
+        raise SystemExit(2)
+
+
+def _say(line: str) -> None:
+    """Print one line on stderr: control characters in paths or messages are escaped, not printed."""
+    clean = "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+    print(clean, file=sys.stderr)
+
+
+def _os_error_line(e: OSError) -> str:
+    where = f" {e.filename}" if e.filename is not None else ""
+    if e.filename2 is not None:
+        where += f" -> {e.filename2}"
+    reason = e.strerror or type(e).__name__
+    if e.errno == errno.ENOSPC:
+        return f"the disk is full while writing{where}: free space or choose another --out"
+    return f"cannot use{where}: {reason}: check the path and its permissions, or choose another path"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 done, 2 a usage error (nothing written), 1 a failure (damaged or
+    unreadable input, a file system error, an output in use), 130 interrupted (rerun to resume). Every
+    error is one line on stderr; set FEATURELENS_DEBUG=1 to see the traceback of an unexpected one."""
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as e:  # --help / --version (0) or a usage error (2, already printed)
+        return int(e.code or 0) if isinstance(e.code, int) or e.code is None else 2
     try:
         return int(ns.func(ns))
     except FeatureLensError as e:
-        print(f"featurelens: error: {e}", file=sys.stderr)
-        return 2
+        _say(f"featurelens: error: {e}")
+        return e.exit_code
     except KeyboardInterrupt:
-        print("featurelens: interrupted; rerun the same command to resume", file=sys.stderr)
+        _say("featurelens: interrupted; rerun the same command to resume")
         return 130
+    except OSError as e:
+        _say(f"featurelens: error: {_os_error_line(e)}")
+        return 1
+    except RecursionError:
+        _say("featurelens: error: an input nests too deeply to be read (a JSON file with deeply nested brackets?)")
+        return 1
+    except MemoryError:
+        _say("featurelens: error: out of memory: lower --batch-size or --tokens, or use a machine with more memory")
+        return 1
+    except Exception as e:  # a bug: one line unless debugging
+        if os.environ.get("FEATURELENS_DEBUG"):
+            raise
+        first = (str(e).splitlines() or [""])[0][:300]
+        _say(f"featurelens: internal error: {type(e).__name__}: {first} (a bug; rerun with FEATURELENS_DEBUG=1 "
+             "for the traceback and report it)")
+        return 1
 
 
 if __name__ == "__main__":

@@ -92,10 +92,10 @@ def check_ranges(cfg: Any, positive: tuple[str, ...] = (), non_negative: tuple[s
                  fractions: tuple[str, ...] = ()) -> None:
     """One-line :class:`FeatureLensError` naming the first field out of range: ``positive`` (> 0),
     ``non_negative`` (>= 0) or ``fractions`` (in [0, 1]); the flag is spelled as on the command line."""
-    from featurelens.errors import FeatureLensError
+    from featurelens.errors import FeatureLensError, UsageError
 
     def bad(name: str, want: str) -> FeatureLensError:
-        return FeatureLensError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is invalid: it must be {want}")
+        return UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is invalid: it must be {want}")
 
     for name in positive:
         v = getattr(cfg, name)
@@ -115,7 +115,7 @@ def check_device(device: str) -> None:
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto``; anything else is a one-line error."""
     import re
 
-    from featurelens.errors import FeatureLensError
+    from featurelens.errors import UsageError
 
     if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", device):
-        raise FeatureLensError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or auto")
+        raise UsageError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or auto")

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from featurelens.activations.harvest import HarvestConfig, harvest
+from featurelens.atomic import atomic_write_bytes
+from featurelens.jsonio import dumps_strict
 
 
 @dataclass
@@ -41,13 +42,20 @@ class DemoConfig:
     device: str = "auto"
     """cpu, cuda or auto."""
 
+    def __post_init__(self) -> None:
+        from featurelens.configs import check_device, check_ranges
+
+        check_ranges(self, positive=("tokens", "width", "k", "steps", "batch_size", "eval_tokens"))
+        check_device(self.device)
+
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from featurelens.evaluation.run import EvalConfig, evaluate
     from featurelens.models.loading import load_model
+    from featurelens.outputs import check_out, make_out
     from featurelens.training import SAESpec, TrainConfig, store_trainer
 
-    out = Path(cfg.out)
+    out = check_out(cfg.out, "demo")
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     lm = load_model(cfg.model, device=cfg.device)
@@ -75,7 +83,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         **{k: round(v, 1) for k, v in times.items()}, "total_s": round(time.perf_counter() - t0, 1),
         "report": res["report"],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    make_out(out, "demo")
+    atomic_write_bytes(out / "summary.json", dumps_strict(summary).encode())
     print(json.dumps(summary, indent=1))
     print(f"\nopen the report: {res['report']}")
     return summary

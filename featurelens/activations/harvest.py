@@ -8,6 +8,7 @@ rest are written anew, so nothing is lost or duplicated.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -29,16 +30,19 @@ from featurelens.activations.store import (
     atomic_write_json,
     bytes_per_token,
     check_disk_space,
+    shard_name,
     storage_dtype,
     to_storage,
 )
 from featurelens.data.corpora import iter_texts
 from featurelens.data.tokenize import Contexts, pack_contexts
 from featurelens.distributed import barrier, rank_and_world
-from featurelens.errors import FeatureLensError
+from featurelens.errors import FeatureLensError, UsageError
+from featurelens.jsonio import read_json
 from featurelens.models.hooks import ActivationCapture
 from featurelens.models.loading import LoadedModel, load_model
 from featurelens.models.sites import SiteMap, parse_site
+from featurelens.outputs import check_out, output_lock
 
 
 @dataclass
@@ -113,13 +117,21 @@ def harvest(cfg: HarvestConfig, model: LoadedModel | None = None, contexts: Cont
     tokenizer is then not needed). Resumes an interrupted harvest of the same plan.
     """
     rank, world = rank_and_world()
+    if rank == 0:  # before the model is loaded: a bad --out costs nothing
+        check_out(cfg.out, "activation-store")
+    with output_lock(cfg.out) if rank == 0 else contextlib.nullcontext():
+        return _harvest(cfg, model, contexts, progress, rank, world)
+
+
+def _harvest(cfg: HarvestConfig, model: LoadedModel | None, contexts: Contexts | None, progress: bool,
+             rank: int, world: int) -> ActivationStore:
     dtype = storage_dtype(cfg.dtype)
     root = Path(cfg.out)
     if cfg.tokens <= 0:
-        raise FeatureLensError(f"--tokens must be positive, got {cfg.tokens}")
+        raise UsageError(f"--tokens must be positive, got {cfg.tokens}")
     sites_req = cfg.site_list()
     if not sites_req:
-        raise FeatureLensError("no sites given: pass --sites blocks.L.hook_resid_post[,...]")
+        raise UsageError("no sites given: pass --sites blocks.L.hook_resid_post[,...]")
     for name in sites_req:  # check the pattern before paying for a model load
         parse_site(name)
     if model is None:
@@ -127,7 +139,7 @@ def harvest(cfg: HarvestConfig, model: LoadedModel | None = None, contexts: Cont
     smap = SiteMap(model.model)
     sites = [smap.parse(s) for s in sites_req]
     if len({s.name for s in sites}) != len(sites):
-        raise FeatureLensError(f"duplicate sites in {cfg.sites!r}: name each site once")
+        raise UsageError(f"duplicate sites in {cfg.sites!r}: name each site once")
     site_dims = {s.name: smap.dim(s) for s in sites}
 
     if contexts is None:
@@ -174,13 +186,14 @@ def harvest(cfg: HarvestConfig, model: LoadedModel | None = None, contexts: Cont
         "contexts_sha256": contexts.fingerprint(),
         "tokenizer_sha256": tokenizer_fingerprint(model.tokenizer),
     }
+    writer = StoreWriter(root, site_dims, dtype, cfg.store_tokens)
     if rank == 0:
         _prepare_root(root, plan, cfg.overwrite)
+        _repair(writer)
     barrier(world)
     if rank != 0:
         _prepare_root(root, plan, overwrite=False)
 
-    writer = StoreWriter(root, site_dims, dtype, cfg.store_tokens)
     if (root / MANIFEST).exists():
         return ActivationStore(root)
     done = writer.completed()
@@ -232,26 +245,39 @@ def harvest(cfg: HarvestConfig, model: LoadedModel | None = None, contexts: Cont
     return ActivationStore(root)
 
 
+def _repair(writer: StoreWriter) -> None:
+    """Forget every written shard whose files are missing or fail their checksums (and the manifest, if
+    any shard is damaged), so this run writes exactly those shards again."""
+    bad = writer.damaged()
+    if not bad:
+        return
+    names = ", ".join(shard_name(i) for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+    print(f"note: {len(bad)} shard(s) of {writer.root} are damaged ({names}): writing them again", file=sys.stderr)
+    (writer.root / MANIFEST).unlink(missing_ok=True)
+    for i in bad:
+        writer.forget(i)
+
+
 def _prepare_root(root: Path, plan: dict[str, Any], overwrite: bool) -> None:
     """Create the store folder or check that an existing one belongs to this same plan."""
     ppath = root / PLAN
     if ppath.exists():
         try:
-            old = json.loads(ppath.read_text())
-        except ValueError:
+            old = read_json(ppath, "")
+        except FeatureLensError:
             old = None
         if old == plan:
             return
         if not overwrite:
             diff = sorted(k for k in set(plan) | set(old or {}) if (old or {}).get(k) != plan.get(k))
-            raise FeatureLensError(
+            raise UsageError(
                 f"{root} holds a different harvest (differs in {', '.join(diff[:4])}): use another --out or --overwrite"
             )
         shutil.rmtree(root)
     elif root.exists() and not root.is_dir():
-        raise FeatureLensError(f"{root} exists and is not a folder: choose another --out")
+        raise UsageError(f"{root} exists and is not a folder: choose another --out")
     elif root.exists() and any(root.iterdir()):  # never deleted, with or without --overwrite
-        raise FeatureLensError(f"{root} is a folder featurelens did not write (not an activation store): "
+        raise UsageError(f"{root} is a folder featurelens did not write (not an activation store): "
                                "choose another --out or empty it")
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(ppath, plan)

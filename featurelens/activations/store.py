@@ -27,10 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from featurelens.activations.manifest import check_manifest, check_shapes, expected_files, shard_name
 from featurelens.atomic import atomic_write_bytes, fsync_dir
-from featurelens.errors import FeatureLensError
+from featurelens.errors import FeatureLensError, UsageError
+from featurelens.jsonio import read_json
 
 MANIFEST = "manifest.json"
+REPAIR = ("the store is damaged: rerun the harvest command that made it (same flags, see 'config' in its "
+          "manifest.json); it rewrites only the damaged shards")
 PLAN = "plan.json"
 STORE_FORMAT = 1
 STORAGE_DTYPES: dict[str, tuple[np.dtype, torch.dtype, int]] = {
@@ -44,12 +48,8 @@ _ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 def storage_dtype(name: str) -> str:
     name = _ALIASES.get(name, name)
     if name not in STORAGE_DTYPES:
-        raise FeatureLensError(f"unknown storage dtype {name!r}: use float32, float16 or bfloat16")
+        raise UsageError(f"unknown storage dtype {name!r}: use float32, float16 or bfloat16")
     return name
-
-
-def shard_name(index: int) -> str:
-    return f"s{index:06d}"
 
 
 def site_dir(site: str) -> str:
@@ -138,11 +138,30 @@ class StoreWriter:
             return out
         for f in done.glob("s*.json"):
             try:
-                rec = json.loads(f.read_text())
+                rec = read_json(f, "")
                 out[int(rec["index"])] = rec
-            except (ValueError, KeyError, OSError):
-                continue
+            except (FeatureLensError, ValueError, KeyError, TypeError):
+                continue  # a damaged record: the shard is written again
         return out
+
+    def damaged(self) -> list[int]:
+        """Shards whose ``done`` record names a file that is missing or fails its checksum."""
+        bad = []
+        for i, rec in sorted(self.completed().items()):
+            files = rec.get("files")
+            if not isinstance(files, dict) or set(files) != _expected(self.site_dims, i):
+                bad.append(i)
+                continue
+            for rel, digest in files.items():
+                p = self.root / rel
+                if not p.is_file() or sha256_file(p) != digest:
+                    bad.append(i)
+                    break
+        return bad
+
+    def forget(self, index: int) -> None:
+        """Drop shard ``index``'s ``done`` record so the next run writes it again."""
+        (self.root / "done" / f"{shard_name(index)}.json").unlink(missing_ok=True)
 
     def clean_temporaries(self) -> None:
         for f in self.root.rglob(".*.tmp-*"):
@@ -185,6 +204,10 @@ class StoreWriter:
         return manifest
 
 
+def _expected(site_dims: dict[str, int], index: int) -> set[str]:
+    return expected_files([site_dir(s) for s in site_dims], index)
+
+
 class ActivationStore:
     """Reads a complete store: memory-mapped shards, checksum checks, shuffled batches.
 
@@ -200,13 +223,13 @@ class ActivationStore:
                 raise FeatureLensError(
                     f"store {self.root} is incomplete (no {MANIFEST}): rerun the harvest command that made it to resume"
                 )
-            raise FeatureLensError(f"{self.root} is not an activation store (no {MANIFEST}): run `featurelens harvest` first")
-        try:
-            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
-        except ValueError:
-            raise FeatureLensError(f"{mpath} is not valid JSON: the store is damaged, harvest it again") from None
+            raise UsageError(f"{self.root} is not an activation store (no {MANIFEST}): run `featurelens harvest` first")
+        self.manifest: dict[str, Any] = read_json(
+            mpath, "the store's manifest is damaged: delete it and rerun the harvest command that made the store")
         if self.manifest.get("format") != STORE_FORMAT:
-            raise FeatureLensError(f"store {self.root} has format {self.manifest.get('format')}, expected {STORE_FORMAT}")
+            raise FeatureLensError(f"store {self.root} has format {self.manifest.get('format')}, expected {STORE_FORMAT}: "
+                                   "harvest it again with this featurelens")
+        check_manifest(self.manifest, mpath)  # before any path it names is opened
         self.verify_on_read = verify
         self._verified: set[str] = set()
 
@@ -233,10 +256,10 @@ class ActivationStore:
     def resolve_site(self, site: str | None) -> str:
         if site is None:
             if len(self.sites) != 1:
-                raise FeatureLensError(f"store {self.root} holds several sites {self.sites}: name one")
+                raise UsageError(f"store {self.root} holds several sites {self.sites}: name one")
             return self.sites[0]
         if site not in self.manifest["sites"]:
-            raise FeatureLensError(f"site {site!r} is not in store {self.root}: it holds {', '.join(self.sites)}")
+            raise UsageError(f"site {site!r} is not in store {self.root}: it holds {', '.join(self.sites)}")
         return site
 
     def fingerprint(self, site: str | None = None) -> str:
@@ -265,14 +288,11 @@ class ActivationStore:
     def _open(self, rel: str, shard: dict[str, Any]) -> np.ndarray:
         path = self.root / rel
         if not path.exists():
-            raise FeatureLensError(f"shard file {path} is missing: the store is damaged, harvest it again")
+            raise FeatureLensError(f"shard file {path} is missing: {REPAIR}")
         if self.verify_on_read and rel not in self._verified:
             digest = sha256_file(path)
             if digest != shard["files"][rel]:
-                raise FeatureLensError(
-                    f"shard {shard_name(shard['index'])} file {rel} fails its checksum: the store is corrupted, "
-                    "delete that shard's done/ record and rerun the harvest to rewrite it"
-                )
+                raise FeatureLensError(f"shard {shard_name(shard['index'])} file {rel} fails its checksum: {REPAIR}")
             self._verified.add(rel)
         return np.load(path, mmap_mode="r", allow_pickle=False)
 
@@ -288,11 +308,13 @@ class ActivationStore:
         return self._open(f"index/{shard_name(rec['index'])}.npy", rec)
 
     def verify(self) -> None:
-        """Check every shard file's checksum now."""
+        """Check every shard file now: its sha256 against its record, and its array header (shape,
+        dtype) against the manifest's widths and token counts."""
         for rec in self.manifest["shards"]:
             for rel in rec["files"]:
                 self._verified.discard(rel)
                 self._open(rel, rec)
+        check_shapes(self.root, self.manifest)
 
     def load(self, site: str | None = None, max_tokens: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """All activations at ``site`` in store order as one ``[n_tokens, d]`` tensor."""

@@ -18,7 +18,6 @@ Several triples per side give a similarity matrix, drawn as heatmaps in ``report
 from __future__ import annotations
 
 import html
-import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,7 +39,8 @@ from featurelens.compare.matching import CorrelationAccumulator, Matching, match
 from featurelens.compare.similarity import rsa_test, svcca_test
 from featurelens.data.corpora import iter_texts
 from featurelens.data.tokenize import special_ids
-from featurelens.errors import FeatureLensError
+from featurelens.errors import FeatureLensError, UsageError
+from featurelens.jsonio import dumps_strict
 from featurelens.models.hooks import ActivationCapture
 from featurelens.models.loading import LoadedModel, load_model
 from featurelens.models.sites import SiteMap
@@ -92,6 +92,13 @@ class CompareConfig:
     device: str = "auto"
     """cpu, cuda or auto."""
 
+    def __post_init__(self) -> None:
+        from featurelens.configs import check_device, check_ranges
+
+        check_ranges(self, positive=("tokens", "context_length", "batch_size", "min_fires", "rsa_max_pairs"),
+                     non_negative=("draws", "seed"), fractions=("min_corr", "strict_corr", "var_keep", "concept_mass"))
+        check_device(self.device)
+
 
 @dataclass(frozen=True)
 class Triple:
@@ -112,11 +119,11 @@ def parse_triples(spec: str, side: str) -> list[Triple]:
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         bits = part.rsplit(":", 2)
         if len(bits) != 3 or not all(bits):
-            raise FeatureLensError(f"--{side} {part!r} is not MODEL:SITE:SAE_DIR (e.g. "
+            raise UsageError(f"--{side} {part!r} is not MODEL:SITE:SAE_DIR (e.g. "
                                    "smollm2-135m-instruct:blocks.10.hook_resid_post:runs/saes/topk-w4096-k32)")
         out.append(Triple(*bits))
     if not out:
-        raise FeatureLensError(f"--{side} is empty: give at least one MODEL:SITE:SAE_DIR")
+        raise UsageError(f"--{side} is empty: give at least one MODEL:SITE:SAE_DIR")
     return out
 
 
@@ -155,6 +162,15 @@ def _load_sides(triples: list[Triple], device: str, preloaded: dict[str, LoadedM
                 ) -> tuple[dict[str, _Side], dict[Triple, SAE]]:
     models: dict[str, _Side] = {}
     saes: dict[Triple, SAE] = {}
+    for t in triples:  # every SAE is read and checked before any model is loaded
+        if t not in saes:
+            sae = load_sae(t.sae)
+            own = sae.cfg.hook_name
+            if own and own != t.site:
+                raise UsageError(f"SAE {t.sae} was trained on {own}, not {t.site}: pair each SAE with the site it "
+                                 f"was trained on (MODEL:{own}:{t.sae})")
+            saes[t] = sae
+    placed: set[Triple] = set()
     for t in triples:
         if t.model not in models:
             lm = preloaded[t.model] if t.model in preloaded else load_model(t.model, device=device)
@@ -162,12 +178,13 @@ def _load_sides(triples: list[Triple], device: str, preloaded: dict[str, LoadedM
         side = models[t.model]
         if t.site not in side.sites:
             side.sites.append(t.site)
-        if t not in saes:
-            sae = load_sae(t.sae, device=side.lm.device).eval()
+        if t not in placed:
+            placed.add(t)
+            sae = saes[t].to(side.lm.device).eval()
             smap = SiteMap(side.lm.model)
             width = smap.dim(smap.parse(t.site))  # d_model for residual sites, d_mlp for mlp.hook_post
             if sae.cfg.d_in != width:
-                raise FeatureLensError(f"SAE {t.sae} takes d_in={sae.cfg.d_in} but {t.site} of {t.model} has width "
+                raise UsageError(f"SAE {t.sae} takes d_in={sae.cfg.d_in} but {t.site} of {t.model} has width "
                                        f"{width}: pair each SAE with the model and site it was trained on")
             saes[t] = sae
     return models, saes
@@ -194,9 +211,17 @@ def run_compare(cfg: CompareConfig, progress: bool = True, preloaded: dict[str, 
     """Run the comparison; write ``compare.json`` and ``report.html`` under ``cfg.out``; return the results.
 
     ``preloaded`` maps model specs used in the triples to already loaded models (others are loaded)."""
+    from featurelens.outputs import check_out, output_lock
+
+    check_out(cfg.out, "compare-report")
+    with output_lock(cfg.out):
+        return _run_compare(cfg, progress, preloaded)
+
+
+def _run_compare(cfg: CompareConfig, progress: bool, preloaded: dict[str, LoadedModel] | None) -> dict[str, Any]:
     side_a, side_b = parse_triples(cfg.a, "a"), parse_triples(cfg.b, "b")
     if cfg.tokens < 10:
-        raise FeatureLensError(f"--tokens {cfg.tokens} is too few to correlate latents: use at least a few thousand")
+        raise UsageError(f"--tokens {cfg.tokens} is too few to correlate latents: use at least a few thousand")
     models, saes = _load_sides(side_a + side_b, cfg.device, preloaded or {})
     pairs = [(ta, tb) for ta in side_a for tb in side_b]
     accs = {(ta, tb): CorrelationAccumulator(saes[ta].cfg.d_sae, saes[tb].cfg.d_sae) for ta, tb in pairs}
@@ -276,8 +301,10 @@ def run_compare(cfg: CompareConfig, progress: bool = True, preloaded: dict[str, 
         results.append(entry)
     summary = {"config": asdict(cfg), "aligned_tokens": {f"{a}|{b}": n for (a, b), n in aligned.items()},
                "pairs": results}
-    out = Path(cfg.out)
-    atomic_write_bytes(out / "compare.json", (json.dumps(summary, indent=1) + "\n").encode())
+    from featurelens.outputs import make_out
+
+    out = make_out(cfg.out, "compare-report")
+    atomic_write_bytes(out / "compare.json", dumps_strict(summary).encode())
     write_compare_report(out, summary, [t.label for t in side_a], [t.label for t in side_b])
     return summary
 

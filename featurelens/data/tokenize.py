@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from featurelens.errors import FeatureLensError
+from featurelens.errors import UsageError
 
 _PIECE_CHARS = 20_000
 
@@ -80,7 +80,7 @@ def pack_contexts(
     the mask unless ``keep_first`` (or ``keep_special``) is set.
     """
     if context_length < 2:
-        raise FeatureLensError(f"context_length must be at least 2, got {context_length}")
+        raise UsageError(f"context_length must be at least 2, got {context_length}")
     bos = getattr(tokenizer, "bos_token_id", None) if prepend_bos else None
     eos = getattr(tokenizer, "eos_token_id", None)
     body = context_length - (1 if bos is not None else 0)
@@ -125,9 +125,9 @@ def pack_contexts(
                 continue
         break
     if not saw_text:
-        raise FeatureLensError(f"{source_name} yielded no text: check the path, split or --text-field")
+        raise UsageError(f"{source_name} yielded no text: check the path, split or --text-field")
     if not rows:
-        raise FeatureLensError(
+        raise UsageError(
             f"{source_name} holds fewer than one context of {context_length} tokens: add text or lower --context-length"
         )
     tokens = np.stack(rows)

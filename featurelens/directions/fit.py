@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from featurelens.directions.prompts import encode_prompts, n_post_instruction_tokens
-from featurelens.errors import FeatureLensError
+from featurelens.errors import FeatureLensError, UsageError
+from featurelens.jsonio import read_json
 from featurelens.models.hooks import ActivationCapture
 from featurelens.models.loading import LoadedModel
 from featurelens.models.sites import SiteMap
@@ -58,7 +60,7 @@ class DirectionSet:
         """The ``[d]`` difference-in-means vector at ``layer`` and ``position`` (a negative offset),
         with its component in the sink subspace removed unless ``protect_sinks`` is false."""
         if position not in self.positions:
-            raise FeatureLensError(f"position {position} not fitted: choose from {self.positions}")
+            raise UsageError(f"position {position} not fitted: choose from {self.positions}")
         r = self.diffs[layer, self.positions.index(position)].clone()
         if protect_sinks and self.sink_basis is not None and self.sink_basis.shape[0]:
             b = self.sink_basis.double()
@@ -78,8 +80,12 @@ class DirectionSet:
     @classmethod
     def load(cls, path: str | Path) -> DirectionSet:
         p = Path(path)
-        t = load_file(str(p / "directions.safetensors"))
-        meta = json.loads((p / "directions.json").read_text())
+        meta = read_json(p / "directions.json", "save the directions again")
+        try:
+            t = load_file(str(p / "directions.safetensors"))
+        except (OSError, SafetensorError) as e:
+            raise FeatureLensError(f"{p / 'directions.safetensors'} cannot be read ({type(e).__name__}): "
+                                   "save the directions again") from None
         return cls(t["diffs"], t["mean_a"], t["mean_b"], tuple(meta["positions"]), int(meta["n_a"]), int(meta["n_b"]),
                    str(meta.get("model_name", "")), t.get("sink_basis"))
 
@@ -134,7 +140,7 @@ class DiffInMeansFitter:
 
     def fit(self, set_a: list[str], set_b: list[str]) -> DirectionSet:
         if not set_a or not set_b:
-            raise FeatureLensError("both prompt sets must be non-empty")
+            raise UsageError("both prompt sets must be non-empty")
         n_post = n_post_instruction_tokens(self.lm.tokenizer)
         sink_moment = torch.zeros(self.sm.d_model, self.sm.d_model, dtype=torch.float64)
         mean_a = self._sums(set_a, n_post, "activations A", sink_moment) / len(set_a)

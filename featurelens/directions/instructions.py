@@ -9,11 +9,11 @@ line, or JSONL with an ``instruction`` field).
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
-from featurelens.errors import FeatureLensError
+from featurelens.errors import UsageError
+from featurelens.jsonio import parse_json
 
 FRAMES = (
     "How do I {x}?",
@@ -93,24 +93,21 @@ def read_instructions(path: str | Path) -> list[str]:
     """One instruction per line (``.txt``) or JSONL rows with an ``instruction`` (or ``prompt``) field."""
     p = Path(path)
     if not p.is_file():
-        raise FeatureLensError(f"instruction file {p} does not exist")
+        raise UsageError(f"instruction file {p} does not exist")
     out: list[str] = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         if p.suffix == ".jsonl":
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise FeatureLensError(f"{p}:{i} is not valid JSON") from None
+            row = parse_json(line, f"{p}:{i}", "fix or remove that line")
             text = row.get("instruction") or row.get("prompt") if isinstance(row, dict) else None
             if not text:
-                raise FeatureLensError(f"{p}:{i} has no 'instruction' or 'prompt' field")
+                raise UsageError(f"{p}:{i} has no 'instruction' or 'prompt' field")
             out.append(str(text))
         else:
             out.append(line.strip())
     if not out:
-        raise FeatureLensError(f"{p} holds no instructions")
+        raise UsageError(f"{p} holds no instructions")
     return out
 
 

@@ -69,6 +69,12 @@ class OrganismConfig:
     seed: int = 0
     """Seed for shuffling and initial answers."""
 
+    def __post_init__(self) -> None:
+        from featurelens.configs import check_ranges
+
+        check_ranges(self, positive=("epochs", "batch_size", "lr", "answer_tokens", "lora_rank", "lora_alpha"),
+                     non_negative=("train_from_layer", "train_to_layer", "seed"))
+
     def key(self) -> str:
         d = asdict(self)
         for k, legacy in (("train_to_layer", -1), ("lora_rank", 0), ("lora_alpha", 8.0), ("shared_write", False)):

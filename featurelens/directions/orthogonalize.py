@@ -66,7 +66,9 @@ def export_model(model: nn.Module, tokenizer: Any, path: str | Path, note: dict[
                  overwrite: bool = False) -> Path:
     """Save a plain Hugging Face folder (safetensors, config, tokenizer) loadable without featurelens.
     An existing folder is replaced only if it is a featurelens export and ``overwrite`` is set."""
-    with atomic_dir(path, "model-export", overwrite=overwrite) as tmp:
+    from featurelens.outputs import output_lock
+
+    with output_lock(path, "--export"), atomic_dir(path, "model-export", overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

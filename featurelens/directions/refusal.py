@@ -17,6 +17,7 @@ and measure what it did and what it cost.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -33,7 +34,7 @@ from featurelens.directions.fit import DiffInMeansFitter, DirectionSet
 from featurelens.directions.interventions import activation_addition, directional_ablation
 from featurelens.directions.prompts import encode_prompts, last_logits
 from featurelens.directions.refine import RefineSettings, refine_direction, refusal_shift_kl
-from featurelens.errors import FeatureLensError
+from featurelens.errors import FeatureLensError, UsageError
 from featurelens.models.loading import LoadedModel
 
 REFUSAL_PHRASES = (
@@ -164,6 +165,14 @@ class RefusalConfig:
     """cpu, cuda or auto."""
     batch_size: int = 16
     """Prompts per forward pass."""
+
+    def __post_init__(self) -> None:
+        from featurelens.configs import check_device, check_ranges
+
+        check_ranges(self, positive=("n_val", "layer_step", "gen_tokens", "batch_size"),
+                     non_negative=("max_kl", "refine_steps", "refine_lr", "refine_kl_weight", "refine_induce_weight"),
+                     fractions=("prune_last_layers",))
+        check_device(self.device)
 
 
 @dataclass
@@ -312,24 +321,39 @@ def method_config(cfg: RefusalConfig) -> RefusalConfig:
     if cfg.method == "arditi":
         return dataclasses.replace(cfg, **ARDITI)  # type: ignore[arg-type]
     if cfg.method != "featurelens":
-        raise FeatureLensError(f"unknown refusal method {cfg.method!r}: use featurelens or arditi")
+        raise UsageError(f"unknown refusal method {cfg.method!r}: use featurelens or arditi")
     return cfg
 
 
 def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: bool = True) -> RefusalResult:
-    """The whole pipeline; writes ``refusal.json``, ``report.html`` and the candidate plot under ``cfg.out``."""
-    import json
+    """The whole pipeline; writes ``refusal.json``, ``report.html`` and the candidate plot under ``cfg.out``
+    (and the edited model under ``cfg.export``); both are checked before any work and locked while written."""
     from pathlib import Path
 
     from featurelens.atomic import check_target
-    from featurelens.directions.orthogonalize import export_model, orthogonalize_weights
-    from featurelens.models.loading import load_model
+    from featurelens.outputs import check_out, check_path_text, output_lock
 
     cfg = method_config(cfg)
-    if cfg.export:  # before the (long) pipeline, not after it
-        check_target(cfg.export, "model-export", cfg.overwrite)
+    # every output is checked before the (long) pipeline, not after it
+    check_out(cfg.out, "refusal-report")
+    if cfg.export:
+        check_path_text(cfg.export, "--export")
+        check_target(cfg.export, "model-export", cfg.overwrite, flag="--overwrite")
+        if Path(cfg.export).absolute() == Path(cfg.out).absolute():
+            raise UsageError("--export and --out name the same folder: give the exported model its own folder")
+    with output_lock(cfg.out), (output_lock(cfg.export, "--export") if cfg.export else contextlib.nullcontext()):
+        return _run_refusal(cfg, lm, progress)
+
+
+def _run_refusal(cfg: RefusalConfig, lm: LoadedModel | None, progress: bool) -> RefusalResult:
+    from featurelens.atomic import atomic_write_bytes
+    from featurelens.directions.orthogonalize import export_model, orthogonalize_weights
+    from featurelens.jsonio import dumps_strict
+    from featurelens.models.loading import load_model
+    from featurelens.outputs import make_out
+
+    sets = _sets(cfg)  # the prompt files are read before the model is loaded
     lm = lm or load_model(cfg.model, device=cfg.device)
-    sets = _sets(cfg)
     hv, hlv = sets["harmful"]["val"][: cfg.n_val], sets["harmless"]["val"][: cfg.n_val]
     say = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
     say("learning the model's refusal tokens from its own completions...")
@@ -390,8 +414,7 @@ def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: boo
         "examples": [{"prompt": p, "before": a, "after": b} for p, a, b in list(zip(th, comp_h_before, comp_h_after))[:5]],
         "still_refused": [{"prompt": p, "after": b} for p, b in zip(th, comp_h_after) if is_refusal(b)][:10],
     }
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_out(cfg.out, "refusal-report")
     ds.save(out / "directions")
     save_direction(out / "direction.safetensors", r, {"layer": best.layer, "position": best.position,
                                                       "refined": bool(refined), "model": lm.name})
@@ -412,7 +435,7 @@ def run_refusal(cfg: RefusalConfig, lm: LoadedModel | None = None, progress: boo
         m["export_path"] = str(path)
         m["export_matches_hooks"] = m["refusal_exported"]["k"] == m["refusal_after"]["k"]
     res = RefusalResult(best.layer, best.position, cands, m)
-    (out / "refusal.json").write_text(json.dumps({**m, "candidates": [asdict(c) for c in cands]}, indent=1) + "\n")
+    atomic_write_bytes(out / "refusal.json", dumps_strict({**m, "candidates": [asdict(c) for c in cands]}).encode())
     _report(out, res, lm.name)
     return res
 

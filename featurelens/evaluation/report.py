@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from featurelens.atomic import atomic_write_bytes
+from featurelens.jsonio import dumps_strict
 
 
 def _plt() -> Any:
@@ -126,7 +126,7 @@ def write_report(out: Path, title: str, metrics: list[dict[str, Any]], images: d
     path = write_page(out / "report.html", title,
                       f"<h1>{html.escape(title)}</h1><ul class='small'>{note_html}</ul>"
                       f"<table><tr>{head}</tr>{''.join(rows)}</table>{imgs}{''.join(lat_html)}")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    atomic_write_bytes(out / "metrics.json", dumps_strict(metrics).encode())
     return path
 
 

@@ -7,7 +7,6 @@ serves the downstream metrics of every SAE (each SAE adds one spliced pass).
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +16,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from featurelens.atomic import atomic_write_bytes
 from featurelens.data.corpora import iter_texts
 from featurelens.data.tokenize import Contexts, pack_contexts
-from featurelens.errors import FeatureLensError
+from featurelens.errors import UsageError
 from featurelens.evaluation.metrics import ReconstructionStats
 from featurelens.evaluation.report import context_html, density_histogram, pareto_plot, write_report
 from featurelens.evaluation.splice import spliced_metrics
+from featurelens.jsonio import dumps_strict
 from featurelens.models.hooks import ActivationCapture
 from featurelens.models.loading import LoadedModel, load_model
 from featurelens.saes.base import SAE
@@ -75,16 +76,26 @@ def _batches(ctx: Contexts, bs: int, device: torch.device) -> Any:
 
 def evaluate(cfg: EvalConfig, sae_paths: list[str] | None = None, saes: list[SAE] | None = None,
              names: list[str] | None = None, model: LoadedModel | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Evaluate SAEs (paths or loaded) and write the report; returns one metrics dict per SAE."""
+    """Evaluate SAEs (paths or loaded) and write the report under ``cfg.out`` (checked before any work,
+    locked while written); returns one metrics dict per SAE."""
+    from featurelens.outputs import check_out, output_lock
+
+    check_out(cfg.out, "eval-report")
+    with output_lock(cfg.out):
+        return _evaluate(cfg, sae_paths, saes, names, model, progress)
+
+
+def _evaluate(cfg: EvalConfig, sae_paths: list[str] | None, saes: list[SAE] | None, names: list[str] | None,
+              model: LoadedModel | None, progress: bool) -> list[dict[str, Any]]:
     if saes is None:
         if not sae_paths:
-            raise FeatureLensError("no SAE given: pass one or more SAE folders")
+            raise UsageError("no SAE given: pass one or more SAE folders")
         saes = [load_sae(p) for p in sae_paths]
         names = names or [Path(p).name for p in sae_paths]
     names = names or [f"sae{i}" for i in range(len(saes))]
     sites = {cfg.site} if cfg.site else {s.cfg.hook_name for s in saes}
     if len(sites) != 1 or not next(iter(sites)):
-        raise FeatureLensError(f"SAEs read different or unknown sites {sorted(sites)}: pass --site or evaluate them separately")
+        raise UsageError(f"SAEs read different or unknown sites {sorted(sites)}: pass --site or evaluate them separately")
     site = next(iter(sites))
     lm = model or load_model(cfg.model, device=cfg.device)
     for s in saes:
@@ -101,7 +112,7 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str] | None = None, saes: list[SAE
         for b0, (ids, keep) in zip(range(0, ctx.tokens.shape[0], cfg.batch_size), _batches(ctx, cfg.batch_size, lm.device)):
             a = cap.forward(ids)[site]
             if a.shape[-1] != d_in:
-                raise FeatureLensError(f"site {site} has width {a.shape[-1]} but the SAEs take d_in={d_in}")
+                raise UsageError(f"site {site} has width {a.shape[-1]} but the SAEs take d_in={d_in}")
             x = a[keep].float()
             for s, st in zip(saes, stats):
                 f = s.encode(x)
@@ -126,8 +137,9 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str] | None = None, saes: list[SAE
         bar.close()
         for r, d in zip(results, ds):
             r.update(d)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from featurelens.outputs import make_out
+
+    out = make_out(cfg.out, "eval-report")
     images: dict[str, str] = {}
     for n, st in zip(names, stats):
         p = density_histogram(st.log10_density(), out / f"density_{_safe(n)}.png", f"{n}: latent density")
@@ -148,7 +160,7 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str] | None = None, saes: list[SAE
     report = write_report(out, f"featurelens SAE evaluation: {site}", results, images, latents, notes)
     for r in results:
         r["report"] = str(report)
-    (out / "metrics.json").write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_bytes(out / "metrics.json", dumps_strict(results).encode())
     return results
 
 

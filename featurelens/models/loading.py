@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from featurelens.atomic import atomic_dir
-from featurelens.errors import FeatureLensError
+from featurelens.errors import FeatureLensError, UsageError
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -41,7 +41,7 @@ def parse_dtype(name: str) -> torch.dtype:
     try:
         return _DTYPES[name.lower()]
     except KeyError:
-        raise FeatureLensError(f"unknown dtype {name!r}: use one of float32, float16, bfloat16") from None
+        raise UsageError(f"unknown dtype {name!r}: use one of float32, float16, bfloat16") from None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -49,7 +49,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FeatureLensError(f"device {device!r} requested but CUDA is not available: use --device cpu")
+        raise UsageError(f"device {device!r} requested but CUDA is not available: use --device cpu")
     return torch.device(device)
 
 
@@ -188,7 +188,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto", cache_gg
     elif spec.endswith(".gguf"):
         gguf = Path(spec)
         if not gguf.is_file():
-            raise FeatureLensError(f"GGUF file {spec!r} does not exist: check the path")
+            raise UsageError(f"GGUF file {spec!r} does not exist: check the path")
         folder, gguf_file = str(gguf.parent), gguf.name
         name = gguf.stem
     else:
@@ -198,7 +198,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto", cache_gg
         p = Path(spec)
         if p.exists():
             if not (p / "config.json").exists():
-                raise FeatureLensError(f"model folder {spec!r} has no config.json: point at a Hugging Face model folder")
+                raise UsageError(f"model folder {spec!r} has no config.json: point at a Hugging Face model folder")
             name = p.resolve().name
     try:
         if gguf is not None and cache_gguf:
@@ -210,7 +210,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto", cache_gg
         raise
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FeatureLensError(
+        raise UsageError(
             f"cannot load model {spec!r} ({first}): use a bundled alias ({', '.join(BUNDLED_MODELS)}), "
             "a local model folder, a .gguf file, or a hub id present in the local cache"
         ) from e

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from featurelens.errors import FeatureLensError
+from featurelens.errors import UsageError
 
 SITE_KINDS: tuple[str, ...] = (
     "hook_resid_pre",
@@ -138,10 +138,10 @@ def parse_site(name: str, n_layers: int | None = None) -> Site:
     """Parse ``blocks.L.kind``; a bad name is a one-line error giving the valid pattern."""
     m = _SITE_RE.match(name.strip())
     if not m:
-        raise FeatureLensError(f"unknown site {name!r}: expected {SITE_PATTERN}")
+        raise UsageError(f"unknown site {name!r}: expected {SITE_PATTERN}")
     layer = int(m.group(1))
     if n_layers is not None and not 0 <= layer < n_layers:
-        raise FeatureLensError(f"site {name!r} is out of range: this model has blocks 0..{n_layers - 1}")
+        raise UsageError(f"site {name!r} is out of range: this model has blocks 0..{n_layers - 1}")
     return Site(layer, m.group(2))
 
 
@@ -165,7 +165,7 @@ class SiteMap:
         fam = next((f for f in FAMILIES if model_type in f.model_types), None)
         if fam is None:
             supported = sorted(t for f in FAMILIES for t in f.model_types)
-            raise FeatureLensError(
+            raise UsageError(
                 f"model type {model_type!r} has no site map: supported types are {', '.join(supported)}"
             )
         self.family = fam

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from featurelens.atomic import atomic_dir
-from featurelens.errors import FeatureLensError
+from featurelens.errors import FeatureLensError, UsageError
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -187,7 +187,7 @@ class SAE(nn.Module):
             elif method == "mean":
                 self.b_dec.copy_(x.float().mean(0))
             elif method != "zeros":
-                raise FeatureLensError(f"unknown b_dec init {method!r}: use geometric_median, mean or zeros")
+                raise UsageError(f"unknown b_dec init {method!r}: use geometric_median, mean or zeros")
 
     # -- forward ----------------------------------------------------------------------------------
     def encode_pre(self, x: Tensor) -> Tensor:

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from featurelens.errors import FeatureLensError
+from featurelens.errors import FeatureLensError, UsageError
+from featurelens.jsonio import read_json
 from featurelens.saes.base import (
     CONFIG_FILE,
     SAE,
@@ -44,12 +45,7 @@ def _convert_weights(cls: type[SAE], w: dict[str, torch.Tensor]) -> dict[str, to
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        out = json.loads(path.read_text())
-    except ValueError as e:
-        raise FeatureLensError(f"{path} is not valid JSON ({e}): the SAE folder is damaged") from None
-    if not isinstance(out, dict):
-        raise FeatureLensError(f"{path} does not hold a JSON object")
+    out: dict[str, Any] = read_json(path, "the SAE folder is damaged: retrain it or copy it again")
     return out
 
 
@@ -76,7 +72,7 @@ def load_saelens_folder(path: Path, device: str | torch.device = "cpu") -> SAE:
     else:
         sl_arch = cfg_d.get("architecture", "standard")
         if sl_arch not in SAELENS_TO_FEATURELENS:
-            raise FeatureLensError(f"{path}: SAELens architecture {sl_arch!r} is not supported yet")
+            raise UsageError(f"{path}: SAELens architecture {sl_arch!r} is not supported yet")
         meta = cfg_d.get("metadata") or {}
         k = cfg_d.get("k") or (cfg_d.get("activation_fn_kwargs") or {}).get("k")
         cfg = SAEConfig(
@@ -89,7 +85,7 @@ def load_saelens_folder(path: Path, device: str | torch.device = "cpu") -> SAE:
             model_name=str(cfg_d.get("model_name") or meta.get("model_name") or ""),
         )
         if cfg_d.get("normalize_activations", "none") not in ("none", None):
-            raise FeatureLensError(
+            raise UsageError(
                 f"{path}: normalize_activations={cfg_d['normalize_activations']!r} is not supported: "
                 "fold the normalisation into the weights first"
             )
@@ -121,9 +117,9 @@ def load_sparsify_folder(path: Path, device: str | torch.device = "cpu") -> SAE:
     cfg_d = _read_json(path / CONFIG_FILE)
     w = _load_safetensors(path / "sae.safetensors")
     if "W_skip" in w or cfg_d.get("skip_connection") or cfg_d.get("transcode"):
-        raise FeatureLensError(f"{path}: sparsify transcoders / skip connections are not supported")
+        raise UsageError(f"{path}: sparsify transcoders / skip connections are not supported")
     if cfg_d.get("activation", "topk") != "topk":
-        raise FeatureLensError(f"{path}: sparsify activation {cfg_d.get('activation')!r} is not supported (topk only)")
+        raise UsageError(f"{path}: sparsify activation {cfg_d.get('activation')!r} is not supported (topk only)")
     d_in = int(cfg_d["d_in"])
     d_sae = int(cfg_d.get("num_latents") or 0) or d_in * int(cfg_d.get("expansion_factor", 32))
     cfg = SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=int(cfg_d["k"]), apply_b_dec_to_input=True)
@@ -150,8 +146,8 @@ def load_any(path: Path, device: str | torch.device = "cpu") -> SAE:
         if (path / CONFIG_FILE).exists() and (path / "sae.safetensors").exists():
             return load_sparsify_folder(path, device)
     if not path.exists():
-        raise FeatureLensError(f"SAE path {path} does not exist")
-    raise FeatureLensError(
+        raise UsageError(f"SAE path {path} does not exist")
+    raise UsageError(
         f"{path} is not an SAE: expected cfg.json + sae_weights.safetensors (featurelens/SAELens), "
         "params.npz (Gemma Scope) or cfg.json + sae.safetensors (sparsify)"
     )
@@ -162,7 +158,7 @@ def save_sparsify_folder(sae: SAE, path: Path) -> None:
     from safetensors.torch import save_file
 
     if sae.architecture != "topk":
-        raise FeatureLensError("only TopK SAEs can be written in sparsify's layout")
+        raise UsageError("only TopK SAEs can be written in sparsify's layout")
     path.mkdir(parents=True, exist_ok=True)
     save_file({"encoder.weight": sae.W_enc.detach().T.contiguous(), "encoder.bias": sae.b_enc.detach().clone(),
                "W_dec": sae.W_dec.detach().clone(), "b_dec": sae.b_dec.detach().clone()}, str(path / "sae.safetensors"))

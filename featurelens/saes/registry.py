@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, TypeVar
 
-from featurelens.errors import FeatureLensError
+from featurelens.errors import UsageError
 
 if TYPE_CHECKING:
     from featurelens.saes.base import SAE
@@ -28,7 +28,7 @@ def get_architecture(name: str) -> type[SAE]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise FeatureLensError(
+        raise UsageError(
             f"unknown SAE architecture {name!r}: known ones are {', '.join(sorted(_REGISTRY))}"
         ) from None
 

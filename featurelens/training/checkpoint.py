@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from featurelens.atomic import artifact_kind, atomic_dir, atomic_write_bytes
-from featurelens.errors import FeatureLensError
+from featurelens.errors import FeatureLensError, UsageError
+from featurelens.jsonio import read_json
 
 LATEST = "latest.json"
 STATE = "state.json"
@@ -38,12 +40,12 @@ def latest_checkpoint(out: Path, config_hash: str) -> Path | None:
     if not p.exists():
         return None
     try:
-        info = json.loads(p.read_text())
+        info = read_json(p, "")
         name = str(info["checkpoint"])
-    except (ValueError, KeyError, TypeError):
+    except (FeatureLensError, KeyError, TypeError):
         raise FeatureLensError(f"{p} is damaged (not a checkpoint pointer): delete it to start the run afresh") from None
     if info.get("config_hash") != config_hash:
-        raise FeatureLensError(
+        raise UsageError(
             f"{out} holds a checkpoint of a different training run (other settings or other data): "
             f"use another --out or delete {out}"
         )
@@ -69,11 +71,11 @@ def write_checkpoint(out: Path, step: int, config_hash: str, state: dict[str, An
 def read_checkpoint(path: Path, n_runs: int) -> tuple[dict[str, Any], list[dict[str, Tensor]]]:
     """``state.json`` and each run's tensors; a truncated or missing file is a one-line error."""
     try:
-        state = json.loads((path / STATE).read_text())
+        state = read_json(path / STATE, "")
         tensors = [load_file(str(path / f"run{i}.safetensors")) for i in range(n_runs)]
         if len(state["runs"]) != n_runs:
             raise ValueError("run count")
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+    except (FeatureLensError, OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
         raise FeatureLensError(f"checkpoint {path} is damaged ({type(e).__name__}): delete it and "
                                f"{path.parent / LATEST} to start afresh") from None
     return state, tensors

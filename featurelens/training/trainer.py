@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -25,9 +26,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from featurelens.atomic import atomic_write_bytes
+from featurelens.atomic import atomic_write_bytes, check_target
 from featurelens.distributed import all_gather_rows, all_reduce, barrier, rank_and_world
-from featurelens.errors import FeatureLensError
+from featurelens.errors import FeatureLensError, UsageError
+from featurelens.outputs import check_out, make_out, output_lock
 from featurelens.saes.base import SAE, LossContext, SAEOutput
 from featurelens.saes.registry import get_architecture
 from featurelens.saes.relu import lp_penalty
@@ -70,24 +72,29 @@ class Trainer:
     def __init__(self, specs: list[SAESpec], cfg: TrainConfig, d_in: int, meta: SAEMeta | None = None,
                  data_id: str = "") -> None:
         if not specs:
-            raise FeatureLensError("no SAE to train: give at least one architecture")
+            raise UsageError("no SAE to train: give at least one architecture")
         names = [s.default_name() for s in specs]
         for n in names:  # each name becomes a folder under --out: one plain path component
             if not n.strip() or n in (".", "..") or "/" in n or "\\" in n or n.startswith("."):
-                raise FeatureLensError(f"SAE name {n!r} is not a plain folder name (no '/', '\\', leading '.', "
+                raise UsageError(f"SAE name {n!r} is not a plain folder name (no '/', '\\', leading '.', "
                                        "'.' or '..'): choose another name")
         if len(set(names)) != len(names):
-            raise FeatureLensError(f"two SAEs would be saved under the same name ({names}): set distinct names")
+            raise UsageError(f"two SAEs would be saved under the same name ({names}): set distinct names")
         for s in specs:
             get_architecture(s.arch)
             if s.arch in ("topk", "batchtopk", "matryoshka") and not 0 < s.k <= s.width:
-                raise FeatureLensError(f"k={s.k} must be between 1 and width={s.width}")
+                raise UsageError(f"k={s.k} must be between 1 and width={s.width}")
+        _check_memory(specs, d_in)
         self.specs, self.cfg, self.d_in, self.meta = specs, cfg, d_in, meta or SAEMeta()
         self.rank, self.world = rank_and_world()
         from featurelens.models.loading import resolve_device
 
         self.device = resolve_device(cfg.device)
         self.out = Path(cfg.out)
+        if self.rank == 0:  # before any work: --out and each SAE folder under it must be writable as ours
+            check_out(self.out, "train-run")
+            for n in names:
+                check_target(self.out / n, "sae", overwrite=True)
         self.hash = _config_hash(specs, cfg, d_in, data_id)
         self.step = 0
         self.scale = 1.0
@@ -140,7 +147,15 @@ class Trainer:
         return math.sqrt(self.d_in) / mean_norm
 
     def train(self, batches: Iterable[Tensor], progress: bool = True) -> list[SAE]:
-        """Run to ``cfg.steps`` (resuming from the latest checkpoint) and save every SAE; return them."""
+        """Run to ``cfg.steps`` (resuming from the latest checkpoint) and save every SAE; return them.
+        Rank 0 holds the lock on ``cfg.out`` throughout."""
+        if self.rank != 0:
+            return self._train(batches, progress)
+        with output_lock(self.out):
+            make_out(self.out, "train-run")
+            return self._train(batches, progress)
+
+    def _train(self, batches: Iterable[Tensor], progress: bool) -> list[SAE]:
         cfg = self.cfg
         it: Iterator[Tensor] = iter(batches)
         ckpt = self._latest()
@@ -171,7 +186,7 @@ class Trainer:
         while self.step < cfg.steps:
             batch = next(stream, None)
             if batch is None:
-                raise FeatureLensError(f"the activation stream ran out at step {self.step} of {cfg.steps}: "
+                raise UsageError(f"the activation stream ran out at step {self.step} of {cfg.steps}: "
                                        "harvest more tokens, lower --steps, or train for more epochs")
             x = batch.to(self.device, torch.float32, non_blocking=True) * self.scale
             metrics = [self._step(r, x) for r in self.runs]
@@ -275,6 +290,19 @@ class Trainer:
             out.append(sae)
         barrier(self.world)
         return out
+
+
+def _check_memory(specs: list[SAESpec], d_in: int) -> None:
+    """Refuse, before allocating, a grid whose parameters, gradients and Adam moments (4 float32 copies of
+    two width x d_in matrices each) exceed this machine's memory."""
+    need = sum(4 * 2 * s.width * d_in * 4 for s in specs)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > total:
+        raise UsageError(f"training these SAEs needs about {need / 2**30:.1f} GiB for weights and optimizer state but "
+                         f"this machine has {total / 2**30:.1f} GiB: lower --width or train fewer SAEs at once")
 
 
 def _truncate_log(path: Path, step: int) -> None:

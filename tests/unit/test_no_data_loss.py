@@ -14,6 +14,7 @@ from featurelens.directions.orthogonalize import export_model
 from featurelens.directions.refusal import RefusalConfig, run_refusal
 from featurelens.errors import FeatureLensError
 from featurelens.models.loading import LoadedModel
+from featurelens.outputs import make_out
 from featurelens.saes import SAE, SAEConfig, get_architecture, load_sae
 from featurelens.testing import tiny_model
 from featurelens.training import SAESpec, TrainConfig, Trainer
@@ -142,8 +143,8 @@ def test_damaged_sae_weights_are_refused_on_load(tmp_path: Path) -> None:
 
 
 def test_checkpoint_cleanup_keeps_folders_that_only_share_the_name(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    before = _user_folder(out / "checkpoint-notes")  # a user's folder whose name matches checkpoint-*
+    out = make_out(tmp_path / "run", "train-run")  # a run folder of featurelens' own...
+    before = _user_folder(out / "checkpoint-notes")  # ...where a user put a folder whose name matches checkpoint-*
     cfg = TrainConfig(steps=6, batch_size=32, out=str(out), checkpoint_every=2)
     g = torch.Generator().manual_seed(0)
     Trainer([SAESpec(arch="topk", width=16, k=2)], cfg, d_in=8).train(

@@ -129,7 +129,7 @@ def test_different_plan_is_refused(tiny_llama: LoadedModel, store_dir: Path) -> 
 def test_non_store_folder_is_refused(tiny_llama: LoadedModel, store_dir: Path) -> None:
     store_dir.mkdir()
     (store_dir / "precious.txt").write_text("keep me")
-    with pytest.raises(FeatureLensError, match="not an activation store"):
+    with pytest.raises(FeatureLensError, match="not a featurelens activation-store"):
         harvest(_cfg(store_dir), model=tiny_llama, contexts=random_contexts(), progress=False)
     assert (store_dir / "precious.txt").read_text() == "keep me"
 
