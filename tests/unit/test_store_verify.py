@@ -91,13 +91,13 @@ def test_rerun_of_a_whole_store_rewrites_nothing(tiny_llama: LoadedModel, tmp_pa
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m["shards"][0]["files"].update({"../../etc/passwd": "0" * 64}), "not the ones featurelens writes"),
     (lambda m: m["shards"][1]["files"].update(
-        {"/etc/hostname": m["shards"][1]["files"].pop(f"index/s000001.npy")}), "not the ones featurelens writes"),
+        {"/etc/hostname": m["shards"][1]["files"].pop("index/s000001.npy")}), "not the ones featurelens writes"),
     (lambda m: m["sites"].update({"../evil": 4}), "not a plain site name"),
     (lambda m: m["sites"].update({SITE: -1}), "not a positive integer"),
     (lambda m: m.update(n_tokens=m["n_tokens"] + 1), "n_tokens is"),
     (lambda m: m["shards"][0].update(n_tokens="many"), "n_tokens"),
     (lambda m: m["shards"].reverse(), "does not carry index"),
-    (lambda m: m["shards"][0]["files"].update({f"index/s000000.npy": "not a checksum"}), "no sha256"),
+    (lambda m: m["shards"][0]["files"].update({"index/s000000.npy": "not a checksum"}), "no sha256"),
     (lambda m: m.update(dtype="int8"), "dtype"),
     (lambda m: m.update(sites=[]), "'sites'"),
 ])
