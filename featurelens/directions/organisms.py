@@ -72,8 +72,12 @@ class OrganismConfig:
     def __post_init__(self) -> None:
         from featurelens.configs import check_ranges
 
-        check_ranges(self, positive=("epochs", "batch_size", "lr", "answer_tokens", "lora_rank", "lora_alpha"),
-                     non_negative=("train_from_layer", "train_to_layer", "seed"))
+        check_ranges(self, positive=("epochs", "batch_size", "lr", "answer_tokens", "lora_alpha"),
+                     non_negative=("train_from_layer", "lora_rank", "seed"))  # lora_rank 0: full fine-tune
+        if self.train_to_layer < -1:
+            from featurelens.errors import UsageError
+
+            raise UsageError(f"--train-to-layer {self.train_to_layer} is invalid: give a block index, or -1 for all")
 
     def key(self) -> str:
         d = asdict(self)
