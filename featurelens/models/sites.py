@@ -65,6 +65,9 @@ class FamilyMap:
     post_norm_writers: bool = False
     """Writes pass through a norm before the residual add (Gemma 2/3): orthogonalizing the writers then
     does not remove the direction from the residual stream exactly."""
+    final_norm: str = "model.norm"
+    """Path from the causal-LM object to the norm applied to the last residual stream before the
+    unembedding (the logit lens applies it to every layer)."""
 
 
 _LLAMA_LIKE = FamilyMap(
@@ -100,6 +103,7 @@ _GPT2 = FamilyMap(
     embeddings=("transformer.wte", "transformer.wpe"),
     writers=("attn.c_proj", "mlp.c_proj"),
     conv1d_writers=True,
+    final_norm="transformer.ln_f",
 )
 _NEOX = FamilyMap(
     model_types=("gpt_neox",),
@@ -109,6 +113,7 @@ _NEOX = FamilyMap(
     mlp_post="mlp.dense_4h_to_h",
     embeddings=("gpt_neox.embed_in",),
     writers=("attention.dense", "mlp.dense_4h_to_h"),
+    final_norm="gpt_neox.final_layer_norm",
 )
 
 FAMILIES: tuple[FamilyMap, ...] = (_LLAMA_LIKE, _GEMMA_POSTNORM, _OLMO2, _GPT2, _NEOX)
@@ -198,6 +203,14 @@ class SiteMap:
 
     def embedding_modules(self) -> list[nn.Module]:
         return [_get(self.model, p) for p in self.family.embeddings]
+
+    def final_norm(self) -> nn.Module:
+        return _get(self.model, self.family.final_norm)  # type: ignore[no-any-return]
+
+    @property
+    def n_heads(self) -> int:
+        cfg = _text_config(self.model)
+        return int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
 
     def writer_modules(self, layer: int) -> list[nn.Module]:
         return [_get(self.blocks[layer], p) for p in self.family.writers]
