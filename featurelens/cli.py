@@ -262,6 +262,29 @@ def _cmd_organism(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lens(ns: argparse.Namespace) -> int:
+    from featurelens.lens.run import LensConfig, run_lens
+
+    res = run_lens(dataclass_from_args(LensConfig, ns))
+    d = res["dla"]
+    print(json.dumps({"target": res["target"], "top_last": [row[-1] for row in res["top_token"]],
+                      "kl_to_final_last": [round(v, 4) for v in res["kl_to_final_last"]], "dla_value": d["value"],
+                      "top_heads": d["top_heads"][:5]}))
+    print(f"report: {res['report']}")
+    return 0
+
+
+def _cmd_patch(ns: argparse.Namespace) -> int:
+    from featurelens.lens.run import PatchConfig, run_patch
+
+    res = run_patch(dataclass_from_args(PatchConfig, ns))
+    for kind, e in res["kinds"].items():
+        print(json.dumps({"kind": kind, "clean": e["clean"], "corrupt": e["corrupt"],
+                          "attribution_corr": e.get("attribution_corr")}))
+    print(f"report: {res['report']}")
+    return 0
+
+
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from featurelens.demo import run_demo
 
@@ -331,6 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("kind", choices=["refusal"])
     add_dataclass_args(sp, OrganismConfig)
     sp.set_defaults(func=_cmd_organism)
+
+    from featurelens.lens.run import LensConfig, PatchConfig
+
+    sp = sub.add_parser("lens", help="logit lens and direct logit attribution of one prompt", description=LensConfig.__doc__)
+    add_dataclass_args(sp, LensConfig)
+    sp.set_defaults(func=_cmd_lens)
+
+    sp = sub.add_parser("patch", help="activation and attribution patching of a clean/corrupted prompt pair",
+                        description=PatchConfig.__doc__)
+    add_dataclass_args(sp, PatchConfig)
+    sp.set_defaults(func=_cmd_patch)
 
     sp = sub.add_parser("store", help="summarise (and verify) an activation store")
     sp.add_argument("path", help="store folder")

@@ -91,12 +91,34 @@ def _run(model: nn.Module, ids: Tensor, **kw: Any) -> Tensor:
     return model(input_ids=ids, use_cache=False, **kw).logits
 
 
+@contextlib.contextmanager
+def _patch_diagonal(model: nn.Module, site: Site, clean: Tensor, positions: Sequence[int]) -> Iterator[None]:
+    """Row ``b`` of the batch gets the clean activation at ``positions[b]`` only (one patch per row)."""
+    sm = SiteMap(model)
+    mod, where = sm.module(site)
+    rows = torch.arange(len(positions))
+    cols = torch.as_tensor(list(positions))
+
+    def swap(x: Tensor) -> Tensor:
+        y = x.clone()
+        y[rows, cols] = clean.to(x.device, x.dtype)[cols]
+        return y
+
+    handle = (mod.register_forward_pre_hook(replace_input_hook(swap), with_kwargs=True) if where == "pre"
+              else mod.register_forward_hook(replace_output_hook(swap)))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def patching_grid(model: nn.Module, clean_ids: Tensor, corrupt_ids: Tensor, metric: Metric,
                   kind: str = "hook_resid_pre", layers: Sequence[int] | None = None,
-                  progress: Callable[[int], Any] | None = None) -> PatchResult:
+                  progress: Callable[[int], Any] | None = None, batch_size: int = 16) -> PatchResult:
     """Patch the clean activation at ``blocks.L.<kind>`` and one position into the corrupted run, for
-    every layer (or ``layers``) and position; ``clean_ids``/``corrupt_ids`` are ``[1, seq]``."""
+    every layer (or ``layers``) and position; ``clean_ids``/``corrupt_ids`` are ``[1, seq]``. Up to
+    ``batch_size`` patched runs (one position each) share a forward pass."""
     _check_pair(clean_ids, corrupt_ids)
     sm = SiteMap(model)
     layers = list(range(sm.n_layers)) if layers is None else list(layers)
@@ -108,11 +130,14 @@ def patching_grid(model: nn.Module, clean_ids: Tensor, corrupt_ids: Tensor, metr
     seq = clean_ids.shape[1]
     scores = torch.full((sm.n_layers, seq), float("nan"))
     for s in sites:
-        for p in range(seq):
-            with patch_site(model, s, clean_acts[s.name][:1], positions=[p]):
-                scores[s.layer, p] = float(metric(_run(model, corrupt_ids)))
+        for p0 in range(0, seq, batch_size):
+            pos = list(range(p0, min(seq, p0 + batch_size)))
+            with _patch_diagonal(model, s, clean_acts[s.name][0], pos):
+                logits = _run(model, corrupt_ids.expand(len(pos), -1))
+            for b, p in enumerate(pos):
+                scores[s.layer, p] = float(metric(logits[b : b + 1]))
             if progress is not None:
-                progress(1)
+                progress(len(pos))
     return PatchResult(kind, scores, clean_m, corrupt_m)
 
 
