@@ -281,6 +281,10 @@ def _cmd_patch(ns: argparse.Namespace) -> int:
     for kind, e in res["kinds"].items():
         print(json.dumps({"kind": kind, "clean": e["clean"], "corrupt": e["corrupt"],
                           "attribution_corr": e.get("attribution_corr")}))
+    if "heads" in res:
+        h = res["heads"]
+        print(json.dumps({"top_heads": h["top"], "clean": h["clean"], "ablated_top": h["ablated_top"],
+                          "ablated_random": h["ablated_random"]}))
     print(f"report: {res['report']}")
     return 0
 

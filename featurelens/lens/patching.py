@@ -179,3 +179,80 @@ def attribution_patching(model: nn.Module, clean_ids: Tensor, corrupt_ids: Tenso
         g = x.grad if x.grad is not None else torch.zeros_like(x)
         scores[s.layer] = float(m.detach()) + ((clean_acts[s.name][0].float() - x[0].detach().float()) * g[0].float()).sum(-1).cpu()
     return PatchResult(kind, scores, clean_m, float(m.detach()))
+
+
+def _head_slices(sm: SiteMap, layer: int) -> tuple[nn.Module, int]:
+    """The attention output projection of ``layer`` (its input holds the heads side by side) and the
+    width of one head's slice."""
+    o_proj = sm.writer_modules(layer)[0]
+    shape = tuple(o_proj.weight.shape)  # type: ignore[union-attr, arg-type]
+    d_in = shape[0] if sm.family.conv1d_writers else shape[1]
+    return o_proj, int(d_in) // sm.n_heads
+
+
+@contextlib.contextmanager
+def ablate_heads(model: nn.Module, heads: Sequence[tuple[int, int]]) -> Iterator[None]:
+    """Zero-ablate attention heads ``(layer, head)``: their slice of the output projection's input is set
+    to zero in every forward pass inside the block (hooks removed in ``finally``)."""
+    sm = SiteMap(model)
+    handles = []
+    try:
+        for layer in sorted({h[0] for h in heads}):
+            o_proj, dh = _head_slices(sm, layer)
+            mine = [h for (lay, h) in heads if lay == layer]
+
+            def zero(x: Tensor, mine: list[int] = mine, dh: int = dh) -> Tensor:
+                y = x.clone()
+                for h in mine:
+                    y[..., h * dh : (h + 1) * dh] = 0
+                return y
+            handles.append(o_proj.register_forward_pre_hook(replace_input_hook(zero), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def head_patching(model: nn.Module, clean_ids: Tensor, corrupt_ids: Tensor, metric: Metric,
+                  progress: Callable[[int], Any] | None = None) -> PatchResult:
+    """Patch each attention head's clean output (its slice of the output projection's input, at every
+    position) into the corrupted run; ``scores`` is ``[n_layers, n_heads]``. One batched forward per layer."""
+    _check_pair(clean_ids, corrupt_ids)
+    sm = SiteMap(model)
+    captured: dict[int, Tensor] = {}
+    handles = []
+    try:
+        for layer in range(sm.n_layers):
+            o_proj, _ = _head_slices(sm, layer)
+
+            def grab(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layer: int = layer) -> None:
+                x = args[0] if args else kwargs["hidden_states"]
+                captured[layer] = x.detach()
+            handles.append(o_proj.register_forward_pre_hook(grab, with_kwargs=True))
+        clean_m = float(metric(_run(model, clean_ids)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    corrupt_m = float(metric(_run(model, corrupt_ids)))
+    n = sm.n_heads
+    scores = torch.empty(sm.n_layers, n)
+    for layer in range(sm.n_layers):
+        o_proj, dh = _head_slices(sm, layer)
+        clean_z = captured[layer][0]
+
+        def put(x: Tensor, clean_z: Tensor = clean_z, dh: int = dh) -> Tensor:
+            y = x.clone()
+            for h in range(n):
+                y[h, :, h * dh : (h + 1) * dh] = clean_z[:, h * dh : (h + 1) * dh].to(x.dtype)
+            return y
+        handle = o_proj.register_forward_pre_hook(replace_input_hook(put), with_kwargs=True)
+        try:
+            logits = _run(model, corrupt_ids.expand(n, -1))
+        finally:
+            handle.remove()
+        for h in range(n):
+            scores[layer, h] = float(metric(logits[h : h + 1]))
+        if progress is not None:
+            progress(n)
+    return PatchResult("attn_heads", scores, clean_m, corrupt_m)

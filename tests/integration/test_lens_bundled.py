@@ -57,3 +57,5 @@ def test_patching_the_one_changed_token_restores_the_clean_answer(tmp_path: Path
     assert float(norm[0, :changed].abs().max()) < 1e-3  # same tokens, and causal attention: no effect
     assert e["clean"] > e["corrupt"]  # the model prefers the indirect object on the clean prompt
     assert -1.0 <= e["attribution_corr"] <= 1.0 and (tmp_path / "patch" / "report.html").is_file()
+    h = res["heads"]  # the heads whose patching restores the most hurt the clean answer more than random ones
+    assert len(h["top"]) == 3 and h["ablated_top"] < h["ablated_random"]

@@ -10,8 +10,10 @@ import torch
 import torch.nn as nn
 
 from featurelens.lens import (
+    ablate_heads,
     attribution_patching,
     direct_logit_attribution,
+    head_patching,
     logit_diff_metric,
     logit_lens,
     patch_site,
@@ -173,3 +175,65 @@ def test_attribution_patching_is_exact_for_a_linear_path(kind: str) -> None:
     assert torch.allclose(est.scores[last], real.scores[last], atol=1e-3)
     if kind == "hook_resid_post":
         assert float((est.scores[0] - real.scores[0]).abs().max()) > 1e-3  # earlier layers: nonlinear
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_head_patching_clean_into_clean_changes_nothing(family: str) -> None:
+    m = _model(family)
+    ids = _ids(seq=5, seed=6)
+    res = head_patching(m, ids, ids, logit_diff_metric(3, 4))
+    sm = SiteMap(m)
+    assert res.scores.shape == (sm.n_layers, sm.n_heads) and float((res.scores - res.clean).abs().max()) < 1e-4
+
+
+def _attn_writes(m: nn.Module, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention output projection's input and output at ``layer``, by hooks on that module."""
+    got: dict[str, torch.Tensor] = {}
+    o_proj = SiteMap(m).writer_modules(layer)[0]
+    h1 = o_proj.register_forward_pre_hook(lambda _m, a: got.__setitem__("z", a[0].detach()))
+    h2 = o_proj.register_forward_hook(lambda _m, _a, o: got.__setitem__("o", o.detach()))
+    try:
+        with torch.no_grad():
+            m(input_ids=ids, use_cache=False)
+    finally:
+        h1.remove()
+        h2.remove()
+    return got["z"][0], got["o"][0]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_head_patching_equals_adding_that_heads_write_difference(family: str) -> None:
+    """Independent route: patching head h is adding W_O[:, h] (z_clean_h - z_corrupt_h) to attention's
+    output at every position (pre-norm families), done here with patch_site at hook_attn_out."""
+    m = _model(family)
+    clean, corrupt = _ids(seq=6, seed=11), _ids(seq=6, seed=12)
+    metric = logit_diff_metric(8, 9)
+    res = head_patching(m, clean, corrupt, metric)
+    sm = SiteMap(m)
+    layer, head = 1, 2
+    z_clean, _ = _attn_writes(m, clean, layer)
+    z_corr, o_corr = _attn_writes(m, corrupt, layer)
+    o_proj = sm.writer_modules(layer)[0]
+    W = o_proj.weight.t() if sm.family.conv1d_writers else o_proj.weight  # [d_model, d_in]
+    dh = W.shape[1] // sm.n_heads
+    sl = slice(head * dh, (head + 1) * dh)
+    value = o_corr + (z_clean[:, sl] - z_corr[:, sl]) @ W[:, sl].t()
+    with torch.no_grad(), patch_site(m, f"blocks.{layer}.hook_attn_out", value):
+        want = float(metric(m(input_ids=corrupt, use_cache=False).logits))
+    assert abs(float(res.scores[layer, head]) - want) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_ablating_every_head_of_a_layer_leaves_only_the_output_bias(family: str) -> None:
+    m = _model(family)
+    ids = _ids(seq=5, seed=13)
+    sm = SiteMap(m)
+    o_proj = sm.writer_modules(1)[0]
+    bias = o_proj.bias if getattr(o_proj, "bias", None) is not None else torch.zeros(sm.d_model)
+    with torch.no_grad():
+        with ablate_heads(m, [(1, h) for h in range(sm.n_heads)]):
+            got = m(input_ids=ids, use_cache=False).logits
+        with patch_site(m, "blocks.1.hook_attn_out", bias.expand(5, -1)):
+            want = m(input_ids=ids, use_cache=False).logits
+        assert torch.allclose(got, want, atol=1e-5)
+        assert not torch.allclose(m(input_ids=ids, use_cache=False).logits, got, atol=1e-3)  # hooks removed
