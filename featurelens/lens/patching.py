@@ -40,10 +40,6 @@ def patch_site(model: nn.Module, site: str | Site, values: Tensor, positions: Se
                ) -> Iterator[None]:
     """Replace the activation at ``site`` with ``values`` (``[seq, d]`` or ``[batch, seq, d]``) at
     ``positions`` (all when None) for every forward pass inside the block."""
-    sm = SiteMap(model)
-    s = site if isinstance(site, Site) else sm.parse(site)
-    mod, where = sm.module(s)
-
     def swap(x: Tensor) -> Tensor:
         v = values.to(x.device, x.dtype)
         v = v.expand(x.shape[0], *v.shape[-2:]) if v.dim() == 2 else v
@@ -53,8 +49,18 @@ def patch_site(model: nn.Module, site: str | Site, values: Tensor, positions: Se
         y[:, list(positions)] = v[:, list(positions)]
         return y
 
-    handle = (mod.register_forward_pre_hook(replace_input_hook(swap), with_kwargs=True) if where == "pre"
-              else mod.register_forward_hook(replace_output_hook(swap)))
+    with _rewrite(model, site, swap):
+        yield
+
+
+@contextlib.contextmanager
+def _rewrite(model: nn.Module, site: str | Site, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Pass the activation at ``site`` through ``fn`` in every forward inside the block."""
+    sm = SiteMap(model)
+    s = site if isinstance(site, Site) else sm.parse(site)
+    mod, where = sm.module(s)
+    handle = (mod.register_forward_pre_hook(replace_input_hook(fn), with_kwargs=True) if where == "pre"
+              else mod.register_forward_hook(replace_output_hook(fn)))
     try:
         yield
     finally:
@@ -94,8 +100,6 @@ def _run(model: nn.Module, ids: Tensor, **kw: Any) -> Tensor:
 @contextlib.contextmanager
 def _patch_diagonal(model: nn.Module, site: Site, clean: Tensor, positions: Sequence[int]) -> Iterator[None]:
     """Row ``b`` of the batch gets the clean activation at ``positions[b]`` only (one patch per row)."""
-    sm = SiteMap(model)
-    mod, where = sm.module(site)
     rows = torch.arange(len(positions))
     cols = torch.as_tensor(list(positions))
 
@@ -104,12 +108,8 @@ def _patch_diagonal(model: nn.Module, site: Site, clean: Tensor, positions: Sequ
         y[rows, cols] = clean.to(x.device, x.dtype)[cols]
         return y
 
-    handle = (mod.register_forward_pre_hook(replace_input_hook(swap), with_kwargs=True) if where == "pre"
-              else mod.register_forward_hook(replace_output_hook(swap)))
-    try:
+    with _rewrite(model, site, swap):
         yield
-    finally:
-        handle.remove()
 
 
 @torch.no_grad()
