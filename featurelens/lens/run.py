@@ -192,12 +192,20 @@ def _heads_section(lm: LoadedModel, clean: torch.Tensor, corrupt: torch.Tensor, 
     body.append("<h2>attention heads</h2>" + value_heatmap(
         [f"L{i}" for i in range(sm.n_layers)], [f"H{h}" for h in range(sm.n_heads)], norm,
         "patching each head's output (all positions): restored fraction"))
+    from featurelens.lens.attention import attention_patterns
+
+    pat = attention_patterns(lm.model, clean)
+    words = _decode(lm, clean[0].tolist())
+    last_row = torch.stack([pat[i, h, -1] for i, h in top])
+    body.append(value_heatmap([f"L{i}.H{h}" for i, h in top], words, last_row,
+                              "where the top heads look from the last position (attention probability)"))
     body.append(f"<p>Ablating the top heads ({html.escape(name(top))}) on the clean prompt moves the metric from "
                 f"{res.clean:.3f} to <b>{ablated:.3f}</b>; ablating {cfg.n_heads} random heads "
                 f"({html.escape(name(rand))}) moves it to {control:.3f}.</p>")
     return {"scores": res.scores.tolist(), "normalized": norm.tolist(), "top": [f"L{i}.H{h}" for i, h in top],
             "top_restored": [v for v, _, _ in order[: cfg.n_heads]], "clean": res.clean,
-            "ablated_top": ablated, "ablated_random": control, "random": [f"L{i}.H{h}" for i, h in rand]}
+            "ablated_top": ablated, "ablated_random": control, "random": [f"L{i}.H{h}" for i, h in rand],
+            "top_attention_from_last": last_row.tolist()}
 
 
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -59,3 +59,5 @@ def test_patching_the_one_changed_token_restores_the_clean_answer(tmp_path: Path
     assert -1.0 <= e["attribution_corr"] <= 1.0 and (tmp_path / "patch" / "report.html").is_file()
     h = res["heads"]  # the heads whose patching restores the most hurt the clean answer more than random ones
     assert len(h["top"]) == 3 and h["ablated_top"] < h["ablated_random"]
+    attn = torch.tensor(h["top_attention_from_last"])
+    assert attn.shape == (3, len(clean)) and torch.allclose(attn.sum(-1), torch.ones(3), atol=1e-4)

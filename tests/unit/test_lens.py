@@ -237,3 +237,41 @@ def test_ablating_every_head_of_a_layer_leaves_only_the_output_bias(family: str)
             want = m(input_ids=ids, use_cache=False).logits
         assert torch.allclose(got, want, atol=1e-5)
         assert not torch.allclose(m(input_ids=ids, use_cache=False).logits, got, atol=1e-3)  # hooks removed
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_attention_patterns_are_causal_distributions(family: str) -> None:
+    from featurelens.lens.attention import attention_patterns
+
+    m = _model(family)
+    try:
+        m.set_attn_implementation("sdpa")  # start from what loaded models use, where the family has it
+    except ValueError:
+        pass
+    before = m.config._attn_implementation
+    pat = attention_patterns(m, _ids(seq=7, seed=21))
+    sm = SiteMap(m)
+    assert pat.shape == (sm.n_layers, sm.n_heads, 7, 7)
+    assert torch.allclose(pat.sum(-1), torch.ones(sm.n_layers, sm.n_heads, 7), atol=1e-5)
+    assert float(pat.triu(1).abs().max()) == 0.0  # no query attends to a later key
+    assert m.config._attn_implementation == before  # switched back
+
+
+def test_attention_patterns_match_a_hand_computation_on_gpt2() -> None:
+    """GPT-2 has no rotary embedding: softmax(q k^T / sqrt(d_head)) with a causal mask, from c_attn's output."""
+    from featurelens.lens.attention import attention_patterns
+
+    m = _model("gpt2")
+    ids = _ids(seq=6, seed=22)
+    got: dict[str, torch.Tensor] = {}
+    h = m.transformer.h[1].attn.c_attn.register_forward_hook(lambda _m, _a, o: got.__setitem__("qkv", o.detach()))
+    try:
+        with torch.no_grad():
+            m(input_ids=ids, use_cache=False)
+    finally:
+        h.remove()
+    q, k, _ = got["qkv"][0].split(64, dim=-1)
+    q, k = q.view(6, 4, 16).transpose(0, 1), k.view(6, 4, 16).transpose(0, 1)
+    scores = q @ k.transpose(-1, -2) / 4.0
+    scores = scores.masked_fill(torch.triu(torch.ones(6, 6, dtype=torch.bool), 1), float("-inf"))
+    assert torch.allclose(attention_patterns(m, ids)[1], scores.softmax(-1), atol=1e-5)
