@@ -275,3 +275,26 @@ def test_attention_patterns_match_a_hand_computation_on_gpt2() -> None:
     scores = q @ k.transpose(-1, -2) / 4.0
     scores = scores.masked_fill(torch.triu(torch.ones(6, 6, dtype=torch.bool), 1), float("-inf"))
     assert torch.allclose(attention_patterns(m, ids)[1], scores.softmax(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "gpt_neox"])
+def test_a_planted_next_token_neuron_is_found_first(family: str) -> None:
+    """Write token 42's unembedding row (divided by the final norm's gain) into neuron 7's output weight
+    at block 1: that neuron must top the list, promoting token 42, with a z-score far above the rest."""
+    from featurelens.lens.neurons import next_token_neurons
+
+    m = _model(family)
+    sm = SiteMap(m)
+    gain = FrozenNorm.fit(sm.final_norm(), torch.randn(4, 64)).gain
+    target = m.get_output_embeddings().weight[42].detach() / gain
+    if sm.family.post_norm_writers:
+        target = target / FrozenNorm.fit(sm.module(Site(1, "hook_mlp_out"))[0], torch.randn(4, 64)).gain
+    w = sm.writer_modules(1)[1].weight
+    with torch.no_grad():
+        if sm.family.conv1d_writers:
+            w[7] = 5 * target
+        else:
+            w[:, 7] = 5 * target
+    found = next_token_neurons(m, top=3)
+    assert (found[0].layer, found[0].neuron, found[0].token) == (1, 7, 42)
+    assert found[0].zscore > found[1].zscore + 1
