@@ -270,8 +270,11 @@ def _prepare_root(root: Path, plan: dict[str, Any], overwrite: bool) -> None:
             old = None
         if old == plan:
             return
+        if not (isinstance(old, dict) and {"contexts_sha256", "tokenizer_sha256", "n_shards"} <= set(old)):
+            raise UsageError(f"{root} has a {PLAN} that featurelens did not write (not an activation store): "
+                             "choose another --out or empty it")
         if not overwrite:
-            diff = sorted(k for k in set(plan) | set(old or {}) if (old or {}).get(k) != plan.get(k))
+            diff = sorted(k for k in set(plan) | set(old) if old.get(k) != plan.get(k))
             raise UsageError(
                 f"{root} holds a different harvest (differs in {', '.join(diff[:4])}): use another --out or --overwrite"
             )

@@ -64,8 +64,20 @@ def write_checkpoint(out: Path, step: int, config_hash: str, state: dict[str, An
         (tmp / STATE).write_text(json.dumps({"step": step, "config_hash": config_hash, **state}, indent=1))
     atomic_write_bytes(out / LATEST, json.dumps({"checkpoint": name, "step": step, "config_hash": config_hash}).encode())
     for old in out.glob("checkpoint-*"):  # older checkpoints of this run; nothing else that matches the name
-        if old.name != name and old.is_dir() and (artifact_kind(old) == "checkpoint" or (old / STATE).is_file()):
+        if old.name != name and old.is_dir() and _is_checkpoint(old):
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether featurelens wrote ``path`` as a checkpoint: its marker says so, or (written before markers)
+    its ``state.json`` is a featurelens training state."""
+    if artifact_kind(path) == "checkpoint":
+        return True
+    try:
+        state = read_json(path / STATE, "")
+    except FeatureLensError:
+        return False
+    return {"step", "config_hash", "runs"} <= set(state)
 
 
 def read_checkpoint(path: Path, n_runs: int) -> tuple[dict[str, Any], list[dict[str, Tensor]]]:

@@ -152,3 +152,29 @@ def test_checkpoint_cleanup_keeps_folders_that_only_share_the_name(tmp_path: Pat
     ckpts = sorted(p.name for p in out.glob("checkpoint-0*"))
     assert ckpts == ["checkpoint-00000006"]  # the run's older checkpoints were removed
     assert _snapshot(out / "checkpoint-notes") == before
+
+
+def test_harvest_overwrite_never_deletes_a_folder_whose_plan_json_is_not_ours(tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    before = _user_folder(out)
+    (out / "plan.json").write_text('{"my": "holiday plan"}')
+    before = _snapshot(out)
+    lm = LoadedModel(model=tiny_model("llama"), tokenizer=None, spec="tiny", name="tiny")
+    with pytest.raises(FeatureLensError, match="did not write"):
+        harvest(HarvestConfig(model="tiny", sites="blocks.1.hook_resid_post", tokens=50, out=str(out), device="cpu",
+                              overwrite=True), model=lm, contexts=random_contexts(), progress=False)
+    assert _snapshot(out) == before
+
+
+def test_checkpoint_cleanup_keeps_a_users_folder_with_a_state_json(tmp_path: Path) -> None:
+    out = make_out(tmp_path / "run", "train-run")
+    folder = out / "checkpoint-mine"
+    _user_folder(folder)
+    (folder / "state.json").write_text('{"state": "of mind"}')
+    before = _snapshot(folder)
+    cfg = TrainConfig(steps=4, batch_size=32, out=str(out), checkpoint_every=2)
+    g = torch.Generator().manual_seed(0)
+    Trainer([SAESpec(arch="topk", width=16, k=2)], cfg, d_in=8).train(
+        iter([torch.randn(32, 8, generator=g) for _ in range(4)]), progress=False)
+    assert _snapshot(folder) == before
+    assert sorted(p.name for p in out.glob("checkpoint-0*")) == ["checkpoint-00000004"]
