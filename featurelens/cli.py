@@ -274,6 +274,18 @@ def _cmd_lens(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lens_train(ns: argparse.Namespace) -> int:
+    from featurelens.lens.tuned_run import LensTrainConfig, train_lens
+
+    res = train_lens(dataclass_from_args(LensTrainConfig, ns))
+    ev = res.get("eval") or {}
+    print(json.dumps({"rows": res["rows"], "kl_logit": [round(v, 4) for v in ev.get("kl_logit", [])],
+                      "kl_tuned": [round(v, 4) for v in ev.get("kl_tuned", [])],
+                      "tuned_better_every_row": ev.get("tuned_better_every_row")}))
+    print(f"lens: {res['lens']}\nreport: {res['report']}")
+    return 0
+
+
 def _cmd_patch(ns: argparse.Namespace) -> int:
     from featurelens.lens.run import PatchConfig, run_patch
 
@@ -364,6 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("lens", help="logit lens and direct logit attribution of one prompt", description=LensConfig.__doc__)
     add_dataclass_args(sp, LensConfig)
     sp.set_defaults(func=_cmd_lens)
+    from featurelens.lens.tuned_run import LensTrainConfig
+
+    lens_sub = sp.add_subparsers(dest="lens_action", required=False, metavar="train",
+                                 parser_class=_Parser)
+    tp = lens_sub.add_parser("train", help="train a tuned lens (then pass --tuned to `featurelens lens`)",
+                             description=LensTrainConfig.__doc__)
+    add_dataclass_args(tp, LensTrainConfig)
+    tp.set_defaults(func=_cmd_lens_train)
 
     sp = sub.add_parser("patch", help="activation and attribution patching of a clean/corrupted prompt pair",
                         description=PatchConfig.__doc__)

@@ -94,27 +94,39 @@ def _bias(mod: nn.Module, d: int, device: torch.device) -> Tensor:
     return b.float() if b is not None else torch.zeros(d, device=device)
 
 
-@torch.no_grad()
-def direct_logit_attribution(model: nn.Module, input_ids: Tensor, token: int, minus: int | None = None,
-                             position: int = -1, attention_mask: Tensor | None = None) -> DLAResult:
-    """Attribute ``logit[token]`` (minus ``logit[minus]``) at ``position`` of the first sequence of
-    ``input_ids [batch, seq]`` to the embeddings, every block's attention (and heads) and MLP (and
-    neurons), through the final norm frozen at this forward pass."""
-    sm = SiteMap(model)
-    pos = position % input_ids.shape[1]
-    mods: dict[str, nn.Module] = {"final_norm": sm.final_norm(), "block0": sm.blocks[0]}
+def record_modules(sm: SiteMap) -> dict[str, nn.Module]:
+    """The modules :func:`direct_effects` reads: block 0 (the embeddings enter it), every writer and the
+    modules whose outputs are the attention / MLP writes; the caller adds what it reads along."""
+    mods: dict[str, nn.Module] = {"block0": sm.blocks[0]}
     for i in range(sm.n_layers):
         attn_w, mlp_w = sm.writer_modules(i)
         mods[f"{i}.attn_w"], mods[f"{i}.mlp_w"] = attn_w, mlp_w
         mods[f"{i}.attn"] = sm.module(Site(i, "hook_attn_out"))[0]
         mods[f"{i}.mlp"] = sm.module(Site(i, "hook_mlp_out"))[0]
-    with _Recorder(mods) as rec:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    x = rec.inputs["final_norm"][0, pos].float()
-    fnorm = FrozenNorm.fit(sm.final_norm(), x)
-    u, head_bias = unembed_direction(model, token, minus)
-    r = fnorm.read_direction(u)
-    value = float(rec.outputs["final_norm"][0, pos].float() @ u + head_bias)  # the real norm, not the frozen one
+    return mods
+
+
+@dataclass(frozen=True)
+class DirectEffects:
+    """What each upstream component wrote along one read direction at one position (see :func:`direct_effects`)."""
+
+    components: dict[str, float]
+    """``embed``, then ``L.attn`` / ``L.mlp`` of each block read, in forward order."""
+    heads: Tensor
+    """``[n_layers, n_heads]`` (zero for attention layers not read)."""
+    head_bias: Tensor
+    """``[n_layers]``: attention output bias (and post-norm bias) read along the direction."""
+    neurons: Tensor
+    """``[n_layers, d_mlp]`` (zero for MLP layers not read)."""
+    neuron_bias: Tensor
+    """``[n_layers]``: MLP output bias (and post-norm bias) read along the direction."""
+
+
+def direct_effects(sm: SiteMap, rec: _Recorder, pos: int, r: Tensor, attn_layers: int, mlp_layers: int) -> DirectEffects:
+    """Split ``resid @ r`` at ``pos`` (the residual stream after ``attn_layers`` attentions and ``mlp_layers``
+    MLPs, read along ``r``) into the embeddings, each attention head and each MLP neuron, from a forward
+    pass recorded on :func:`record_modules`; writes through a post-norm read through that norm frozen."""
+    mods = rec.modules
     comps = {"embed": float(rec.inputs["block0"][0, pos].float() @ r)}
     n_heads = sm.n_heads
     heads = torch.zeros(sm.n_layers, n_heads)
@@ -122,10 +134,11 @@ def direct_logit_attribution(model: nn.Module, input_ids: Tensor, token: int, mi
     hbias = torch.zeros(sm.n_layers)
     nbias = torch.zeros(sm.n_layers)
     post = sm.family.post_norm_writers
-    for i in range(sm.n_layers):
-        comps[f"{i}.attn"] = float(rec.outputs[f"{i}.attn"][0, pos].float() @ r)
-        comps[f"{i}.mlp"] = float(rec.outputs[f"{i}.mlp"][0, pos].float() @ r)
-        for kind, store, bias_store in (("attn", heads, hbias), ("mlp", neurons, nbias)):
+    for i in range(max(attn_layers, mlp_layers)):
+        for kind, store, bias_store, n_read in (("attn", heads, hbias, attn_layers), ("mlp", neurons, nbias, mlp_layers)):
+            if i >= n_read:
+                continue
+            comps[f"{i}.{kind}"] = float(rec.outputs[f"{i}.{kind}"][0, pos].float() @ r)
             w_mod = mods[f"{i}.{kind}_w"]
             W = _out_weight(sm, w_mod)  # [d_model, d_in]
             r_i, extra = r, 0.0
@@ -139,5 +152,26 @@ def direct_logit_attribution(model: nn.Module, input_ids: Tensor, token: int, mi
             else:
                 store[i] = per_unit.cpu()
             bias_store[i] = float(_bias(w_mod, W.shape[0], W.device) @ r_i) + extra
+    return DirectEffects(comps, heads, hbias, neurons, nbias)
+
+
+@torch.no_grad()
+def direct_logit_attribution(model: nn.Module, input_ids: Tensor, token: int, minus: int | None = None,
+                             position: int = -1, attention_mask: Tensor | None = None) -> DLAResult:
+    """Attribute ``logit[token]`` (minus ``logit[minus]``) at ``position`` of the first sequence of
+    ``input_ids [batch, seq]`` to the embeddings, every block's attention (and heads) and MLP (and
+    neurons), through the final norm frozen at this forward pass."""
+    sm = SiteMap(model)
+    pos = position % input_ids.shape[1]
+    mods = {**record_modules(sm), "final_norm": sm.final_norm()}
+    with _Recorder(mods) as rec:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    x = rec.inputs["final_norm"][0, pos].float()
+    fnorm = FrozenNorm.fit(sm.final_norm(), x)
+    u, head_bias = unembed_direction(model, token, minus)
+    r = fnorm.read_direction(u)
+    value = float(rec.outputs["final_norm"][0, pos].float() @ u + head_bias)  # the real norm, not the frozen one
+    eff = direct_effects(sm, rec, pos, r, sm.n_layers, sm.n_layers)
     target = f"logit[{token}]" + (f" - logit[{minus}]" if minus is not None else "")
-    return DLAResult(target, pos, value, comps, float(fnorm.bias @ u + head_bias), heads, hbias, neurons, nbias)
+    return DLAResult(target, pos, value, eff.components, float(fnorm.bias @ u + head_bias), eff.heads, eff.head_bias,
+                     eff.neurons, eff.neuron_bias)

@@ -7,6 +7,7 @@ the last row is therefore the model's own output (tested equal to its logits on 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,13 +43,18 @@ class LensResult:
 
 
 @torch.no_grad()
-def logit_lens(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> LensResult:
-    """Logit lens of the first sequence of ``input_ids [batch, seq]`` at every layer and position."""
+def logit_lens(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
+               translate: Callable[[str, Tensor], Tensor] | None = None) -> LensResult:
+    """Logit lens of the first sequence of ``input_ids [batch, seq]`` at every layer and position.
+
+    ``translate(site, h)`` maps each row's residual stream first (a tuned lens's
+    :meth:`~featurelens.lens.tuned.TunedLens.translate`; rows it leaves alone read as the logit lens)."""
     sm = SiteMap(model)
     sites = [Site(0, "hook_resid_pre")] + [Site(i, "hook_resid_post") for i in range(sm.n_layers)]
     with ActivationCapture(model, sites, early_exit=False) as cap:
         acts = cap.forward(input_ids[:1], attention_mask[:1] if attention_mask is not None else None)
-    rows = torch.stack([acts[s.name][0] for s in sites])  # [rows, seq, d]
+    tr = translate or (lambda _s, h: h)
+    rows = torch.stack([tr(s.name, acts[s.name][0].float()) for s in sites])  # [rows, seq, d]
     logp = torch.log_softmax(residual_logits(model, rows, sm), dim=-1).cpu()
     final = logp[-1]
     kl = (final.exp() * (final - logp)).sum(-1).clamp_min(0.0)

@@ -65,3 +65,48 @@ def bar_rows(items: Sequence[tuple[str, float]], caption: str) -> str:
         rows.append(f"<tr><td class='t'>{html.escape(label)}</td><td style='text-align:right'>{v:+.3f}</td>"
                     f"<td><div style='width:{w}px;height:10px;background:{color}'></div></td></tr>")
     return f"<table><caption>{html.escape(caption)}</caption>{''.join(rows)}</table>"
+
+
+_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+
+
+def line_chart(x_labels: Sequence[str], series: dict[str, Sequence[float]], caption: str, log_y: bool = False,
+               width: int = 640, height: int = 260) -> str:
+    """An inline SVG line chart (one line per series, legend, hover titles); non-finite points are skipped."""
+    def tf(v: float) -> float:
+        return math.log10(max(v, 1e-6)) if log_y else v
+    vals = [tf(float(v)) for s in series.values() for v in s if math.isfinite(float(v))]
+    lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    n = max(1, len(x_labels) - 1)
+    left, right, top, bottom = 48, 12, 12, 40
+
+    def xy(i: int, v: float) -> tuple[float, float]:
+        return (left + (width - left - right) * i / n, top + (height - top - bottom) * (1 - (tf(v) - lo) / (hi - lo)))
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img'>",
+             f"<rect x='{left}' y='{top}' width='{width - left - right}' height='{height - top - bottom}' fill='none' stroke='#ccc'/>"]
+    for frac in (0.0, 0.5, 1.0):
+        yv = lo + (hi - lo) * frac
+        y = top + (height - top - bottom) * (1 - frac)
+        label = f"{10 ** yv:.3g}" if log_y else f"{yv:.3g}"
+        parts.append(f"<text x='{left - 4}' y='{y + 4:.1f}' font-size='10' text-anchor='end'>{html.escape(label)}</text>")
+    step = max(1, len(x_labels) // 12)
+    for i, lab in enumerate(x_labels):
+        if i % step == 0 or i == len(x_labels) - 1:
+            x, _ = xy(i, lo)
+            parts.append(f"<text x='{x:.1f}' y='{height - bottom + 14}' font-size='10' text-anchor='middle'>"
+                         f"{html.escape(lab)}</text>")
+    for k, (name, ys) in enumerate(series.items()):
+        color = _COLORS[k % len(_COLORS)]
+        pts = [(i, float(v)) for i, v in enumerate(ys) if math.isfinite(float(v))]
+        path = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i, v) for i, v in pts))
+        parts.append(f"<polyline fill='none' stroke='{color}' stroke-width='2' points='{path}'/>")
+        for i, v in pts:
+            x, y = xy(i, v)
+            parts.append(f"<circle cx='{x:.1f}' cy='{y:.1f}' r='3' fill='{color}'><title>"
+                         f"{html.escape(f'{name} {x_labels[i]}: {v:.4g}')}</title></circle>")
+        parts.append(f"<text x='{left + 8 + 140 * k}' y='{height - 8}' font-size='11' fill='{color}'>"
+                     f"\u25cf {html.escape(name)}</text>")
+    parts.append("</svg>")
+    return f"<figure>{''.join(parts)}<figcaption class='small'>{html.escape(caption)}</figcaption></figure>"

@@ -22,6 +22,7 @@ from featurelens.lens.patching import (
     patching_grid,
 )
 from featurelens.lens.report import bar_rows, token_heatmap, value_heatmap
+from featurelens.lens.tuned import row_label
 from featurelens.models.loading import LoadedModel, load_model
 from featurelens.models.sites import SITE_KINDS, SiteMap
 
@@ -40,6 +41,8 @@ class LensConfig:
     """Attribute the logit difference target - minus instead of the target's logit."""
     top: int = 10
     """Heads and neurons listed in the report."""
+    tuned: str = ""
+    """A tuned lens (the folder `featurelens lens train` wrote) to show beside the logit lens."""
     out: str = "runs/lens"
     """Output folder for lens.json and report.html."""
     device: str = "auto"
@@ -130,6 +133,11 @@ def run_lens(cfg: LensConfig, lm: LoadedModel | None = None) -> dict[str, Any]:
     with output_lock(cfg.out):
         lm = lm or load_model(cfg.model, device=cfg.device)
         ids = _encode(lm, cfg.prompt)
+        tuned = None
+        if cfg.tuned:
+            from featurelens.lens.tuned import TunedLens
+
+            tuned = TunedLens.load(cfg.tuned, lm.model)
         lens = logit_lens(lm.model, ids)
         top_ids, top_p = lens.top(1)
         target = _first_token(lm, cfg.target, "target") if cfg.target else int(top_ids[-1, -1, 0])
@@ -151,6 +159,23 @@ def run_lens(cfg: LensConfig, lm: LoadedModel | None = None) -> dict[str, Any]:
             "dla": {"target": dla.target, "value": dla.value, "total": dla.total, "constant": dla.constant,
                     "components": dla.components, "top_heads": heads, "top_neurons": neurons},
         }
+        extra = ""
+        if tuned is not None:
+            tl = logit_lens(lm.model, ids, translate=tuned.translate)
+            t_ids, t_p = tl.top(1)
+            trained = {row_label(s) for s in tuned.sites}
+            t_labels = [lab if lab in trained or lab == lens.labels[-1] else f"{lab} (untrained)" for lab in tl.labels]
+            summary["tuned"] = {"lens": cfg.tuned, "rows_trained": sorted(trained, key=tl.labels.index),
+                                "top_token": [[lm.tokenizer.decode([int(t)]) for t in row] for row in t_ids[..., 0]],
+                                "top_prob": t_p[..., 0].tolist(), "target_prob": tl.prob(target).tolist(),
+                                "kl_to_final_mean": tl.kl_to_final.mean(1).tolist()}
+            from featurelens.lens.report import line_chart
+
+            extra = (token_heatmap(t_labels, words, summary["tuned"]["top_token"], t_p[..., 0],
+                                   "tuned lens: top token of each translated residual stream")
+                     + line_chart(lens.labels, {"logit lens": summary["kl_to_final_mean"],
+                                                "tuned lens": summary["tuned"]["kl_to_final_mean"]},
+                                  "KL(final || layer) averaged over this prompt's positions, nats (log scale)", log_y=True))
         out = make_out(cfg.out, "lens-report")
         atomic_write_bytes(out / "lens.json", dumps_strict(summary).encode())
         kl_rows = [(name, float(v)) for name, v in zip(lens.labels, lens.kl_to_final[:, -1])]
@@ -159,7 +184,7 @@ def run_lens(cfg: LensConfig, lm: LoadedModel | None = None) -> dict[str, Any]:
                                 "top token of each layer's residual stream read through the final norm and unembedding")
                 + value_heatmap(lens.labels, words, lens.prob(target),
                                 f"probability of {lm.tokenizer.decode([target])!r} per layer and position", "{:.2f}")
-                + bar_rows(kl_rows, "KL(final || layer) at the last position, nats")
+                + bar_rows(kl_rows, "KL(final || layer) at the last position, nats") + extra
                 + f"<h2>direct logit attribution of {html.escape(repr(summary['target']))}"
                 + (f" minus {html.escape(repr(summary['minus']))}" if minus is not None else "") + "</h2>"
                 + f"<p class='small'>value {dla.value:.3f} = components {dla.total - dla.constant:.3f} + constant "

@@ -29,6 +29,11 @@ def _softcap(model: nn.Module) -> float | None:
 @torch.no_grad()
 def residual_logits(model: nn.Module, resid: Tensor, site_map: SiteMap | None = None) -> Tensor:
     """Logits the model would produce if ``resid [..., d_model]`` were its last residual stream."""
+    return readout_logits(model, resid, site_map)
+
+
+def readout_logits(model: nn.Module, resid: Tensor, site_map: SiteMap | None = None) -> Tensor:
+    """:func:`residual_logits` with autograd: gradients flow to ``resid`` (the tuned lens trains through it)."""
     sm = site_map or SiteMap(model)
     head = model.get_output_embeddings()  # type: ignore[operator]
     logits = head(sm.final_norm()(resid.to(head.weight.dtype))).float()

@@ -68,6 +68,11 @@ class FamilyMap:
     final_norm: str = "model.norm"
     """Path from the causal-LM object to the norm applied to the last residual stream before the
     unembedding (the logit lens applies it to every layer)."""
+    mlp_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.gate_up_proj")
+    """Paths inside a block (first that exists) to the linear layer whose output ``j`` is neuron ``j``'s
+    switch: the gate of a gated MLP (Phi-3 fuses gate and up, gate first), else the first projection."""
+    mlp_norm: str = "post_attention_layernorm"
+    """Path inside a block to the norm between the residual stream and the MLP (empty: none, as OLMo2)."""
 
 
 _LLAMA_LIKE = FamilyMap(
@@ -84,6 +89,7 @@ _GEMMA_POSTNORM = FamilyMap(
     mlp_out="post_feedforward_layernorm",
     mlp_post="mlp.down_proj",
     post_norm_writers=True,
+    mlp_norm="pre_feedforward_layernorm",
 )
 _OLMO2 = FamilyMap(  # no pre-norms: attention / MLP outputs are normalised, then added to the residual
     model_types=("olmo2",),
@@ -92,6 +98,7 @@ _OLMO2 = FamilyMap(  # no pre-norms: attention / MLP outputs are normalised, the
     mlp_out="post_feedforward_layernorm",
     mlp_post="mlp.down_proj",
     post_norm_writers=True,
+    mlp_norm="",
 )
 _GPT2 = FamilyMap(
     model_types=("gpt2",),
@@ -104,6 +111,8 @@ _GPT2 = FamilyMap(
     writers=("attn.c_proj", "mlp.c_proj"),
     conv1d_writers=True,
     final_norm="transformer.ln_f",
+    mlp_in=("mlp.c_fc",),
+    mlp_norm="ln_2",
 )
 _NEOX = FamilyMap(
     model_types=("gpt_neox",),
@@ -114,6 +123,7 @@ _NEOX = FamilyMap(
     embeddings=("gpt_neox.embed_in",),
     writers=("attention.dense", "mlp.dense_4h_to_h"),
     final_norm="gpt_neox.final_layer_norm",
+    mlp_in=("mlp.dense_h_to_4h",),
 )
 
 FAMILIES: tuple[FamilyMap, ...] = (_LLAMA_LIKE, _GEMMA_POSTNORM, _OLMO2, _GPT2, _NEOX)
@@ -211,6 +221,25 @@ class SiteMap:
     def n_heads(self) -> int:
         cfg = _text_config(self.model)
         return int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
+
+    def mlp_input(self, layer: int) -> nn.Module:
+        """The linear layer whose output ``j`` is neuron ``j``'s pre-activation (the gate, when gated)."""
+        block = self.blocks[layer]
+        for path in self.family.mlp_in:
+            try:
+                return _get(block, path)  # type: ignore[no-any-return]
+            except AttributeError:
+                continue
+        raise NotImplementedError(f"no MLP input projection at {self.family.mlp_in} in block {layer}")
+
+    def mlp_norm(self, layer: int) -> nn.Module | None:
+        """The norm the MLP reads the residual stream through (None: it reads it raw)."""
+        return _get(self.blocks[layer], self.family.mlp_norm) if self.family.mlp_norm else None
+
+    @property
+    def parallel_mlp(self) -> bool:
+        """Whether the MLP reads the block's input (GPT-NeoX's parallel residual), not the stream after attention."""
+        return bool(getattr(_text_config(self.model), "use_parallel_residual", False))
 
     def writer_modules(self, layer: int) -> list[nn.Module]:
         return [_get(self.blocks[layer], p) for p in self.family.writers]
