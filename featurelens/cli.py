@@ -286,6 +286,18 @@ def _cmd_lens_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_neurons(ns: argparse.Namespace) -> int:
+    from featurelens.lens.neurons_run import NeuronsConfig, run_neurons
+
+    res = run_neurons(dataclass_from_args(NeuronsConfig, ns))
+    for e in res["neurons"]:
+        print(json.dumps({"neuron": f"L{e['layer']}.N{e['neuron']}", "token": e["token"],
+                          "driving_heads": [h["head"] for h in e["driving_heads"][:3]], "ablation": e["ablation"]}))
+    print(json.dumps({"mean_ablation": res["mean_ablation"]}))
+    print(f"report: {res['report']}")
+    return 0
+
+
 def _cmd_patch(ns: argparse.Namespace) -> int:
     from featurelens.lens.run import PatchConfig, run_patch
 
@@ -384,6 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
                              description=LensTrainConfig.__doc__)
     add_dataclass_args(tp, LensTrainConfig)
     tp.set_defaults(func=_cmd_lens_train)
+
+    from featurelens.lens.neurons_run import NeuronsConfig
+
+    sp = sub.add_parser("neurons", help="next-token neurons, the heads that switch them on, and the ablation check",
+                        description=NeuronsConfig.__doc__)
+    add_dataclass_args(sp, NeuronsConfig)
+    sp.set_defaults(func=_cmd_neurons)
 
     sp = sub.add_parser("patch", help="activation and attribution patching of a clean/corrupted prompt pair",
                         description=PatchConfig.__doc__)

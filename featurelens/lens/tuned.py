@@ -11,7 +11,8 @@ Where this follows the paper and its reference package (``tuned-lens`` 0.2), and
 - Loss ``KL(final || lens)`` at the same position, averaged over tokens; rows train independently
   (the summed loss's gradient for one translator is that row's own).
 - SGD with Nesterov momentum 0.9, learning rate ``lr * (1 - momentum)`` with ``lr = 1``, weight decay
-  1e-3 on every translator parameter, linear decay to zero over the run: the package's defaults.
+  1e-3 on every translator parameter, the gradient norm of all translators together clipped to 1, linear
+  decay to zero over the run: the package's defaults.
 - The paper trains 250 steps of 2^18 tokens on a GPU. The full-vocabulary softmax costs about
   ``3 * 2 * d_model * vocab`` flops per token and row, which on a 2-core CPU is some 300 token-rows a
   second for a 50k vocabulary, so the defaults here are far smaller and ``--layers`` trains a subset of
@@ -207,13 +208,14 @@ class TunedLensFitter:
     """Streams batches ``{site: [T, d]}`` (the rows plus :func:`final_site`) into translators."""
 
     def __init__(self, model: nn.Module, sites: Sequence[str], steps: int, lr: float = 1.0, momentum: float = 0.9,
-                 weight_decay: float = 1e-3, micro_batch: int = 256) -> None:
+                 weight_decay: float = 1e-3, micro_batch: int = 256, max_grad_norm: float = 1.0) -> None:
         self.model = model
         self.sm = SiteMap(model)
         self.sites = tuple(sites)
         self.final = final_site(self.sm).name
         self.steps = steps
         self.micro_batch = micro_batch
+        self.max_grad_norm = max_grad_norm
         d = self.sm.d_model
         dev = next(model.parameters()).device
         self.weight = torch.zeros(len(self.sites), d, d, device=dev, requires_grad=True)
@@ -240,6 +242,8 @@ class TunedLensFitter:
                     kl = kl_to(tgt, z).sum()
                     (kl / n).backward()
                     losses[r] += float(kl.detach()) / n
+        if self.max_grad_norm > 0:  # the package clips the whole lens's gradient norm to 1 before each step
+            torch.nn.utils.clip_grad_norm_([self.weight, self.bias], self.max_grad_norm)
         self.opt.step()
         self.sched.step()
         self.step_count += 1

@@ -24,7 +24,7 @@ from featurelens.models.sites import SiteMap
 
 RUN_KIND = "lens-train"
 _TRAINING_FIELDS = ("model", "acts", "corpus", "context_length", "layers", "steps", "tokens_per_step", "lr",
-                    "momentum", "weight_decay", "seed")
+                    "momentum", "weight_decay", "max_grad_norm", "seed")
 
 
 @dataclass
@@ -53,6 +53,8 @@ class LensTrainConfig:
     """Nesterov momentum."""
     weight_decay: float = 1e-3
     """Weight decay on the translators (toward the identity: they are parametrised residually)."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm of all translators together to this before each step (the package's 1); 0: off."""
     eval_tokens: int = 2048
     """Held-out tokens (the corpus's test split) for the tuned vs logit lens comparison; 0 skips it."""
     checkpoint_every: int = 10
@@ -69,7 +71,7 @@ class LensTrainConfig:
 
         check_ranges(self, positive=("context_length", "steps", "tokens_per_step", "micro_batch", "lr",
                                      "checkpoint_every"),
-                     non_negative=("eval_tokens", "weight_decay", "seed"), fractions=("momentum",))
+                     non_negative=("eval_tokens", "weight_decay", "max_grad_norm", "seed"), fractions=("momentum",))
         if self.momentum >= 1:
             raise UsageError(f"--momentum {self.momentum} is invalid: it must be below 1")
         if self.context_length < 2:
@@ -214,7 +216,8 @@ def train_lens(cfg: LensTrainConfig, lm: LoadedModel | None = None, progress: bo
             train = _contexts(lm, cfg, "train", None)
             chunks = stream_chunks(lm, [*rows, fin], train.tokens, train.keep, cfg.seed)
         out = make_out(cfg.out, RUN_KIND)
-        fitter = TunedLensFitter(lm.model, rows, cfg.steps, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.micro_batch)
+        fitter = TunedLensFitter(lm.model, rows, cfg.steps, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.micro_batch,
+                                 cfg.max_grad_norm)
         ckpt = out / "checkpoint"
         log: list[dict[str, Any]] = []
         if (ckpt / "state.json").is_file():

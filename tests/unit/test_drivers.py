@@ -72,3 +72,28 @@ def test_planted_driver_is_found_and_its_ablation_switches_the_neuron_off() -> N
     assert abs(a["activation_random"] - a["activation"]) < abs(a["activation_top"] - a["activation"])
     assert res.random_heads[0] != (0, 2) and res.random_heads[0][0] <= 1  # upstream of block 1's MLP
     assert sm.n_heads == res.head_mean.shape[1]
+
+
+def test_run_neurons_writes_a_consistent_report(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from featurelens.lens.neurons_run import NeuronsConfig, run_neurons
+    from featurelens.models.loading import LoadedModel
+    from featurelens.testing import CharTokenizer
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("".join(chr(33 + (i * 31) % 90) for i in range(3000)))
+    lm = LoadedModel(tiny_model("gpt2"), CharTokenizer(), "tiny", "tiny")
+    res = run_neurons(NeuronsConfig(model="tiny", corpus=str(tmp_path / "c"), tokens=600, context_length=32, top=3,
+                                    contexts=4, n_heads=2, out=str(tmp_path / "out"), device="cpu"), lm=lm,
+                      progress=False)
+    assert len(res["neurons"]) == 3
+    for e in res["neurons"]:
+        assert e["layer"] >= 1  # block 0's neurons have no upstream heads and are skipped by default
+        assert [h["head"] for h in e["driving_heads"][:2]] == e["ablated"]
+        assert not set(e["ablated"]) & set(e["random"])
+        assert all(int(h.split(".")[0][1:]) <= e["layer"] for h in e["random"])
+        acts = [c["activation"] for c in e["contexts"]]
+        assert acts == sorted(acts, reverse=True) and len({c["context"] for c in e["contexts"]}) == len(acts)
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert all(f"L{e['layer']}.N{e['neuron']}" in page for e in res["neurons"])
+    with pytest.raises(Exception, match="out of range"):
+        NeuronsConfig(layers="7").layer_list(3)

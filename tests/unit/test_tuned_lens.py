@@ -61,7 +61,8 @@ def test_first_step_is_nesterov_sgd_on_the_finite_difference_gradient(family: st
         return float((p.exp() * (p - q)).sum(-1).mean())
 
     lr, mom = 1.0, 0.9
-    fit = TunedLensFitter(model, [row], steps=10, lr=lr, momentum=mom, weight_decay=1e-3, micro_batch=5)
+    fit = TunedLensFitter(model, [row], steps=10, lr=lr, momentum=mom, weight_decay=1e-3, micro_batch=5,
+                          max_grad_norm=0.0)
     fit.weight.data = fit.weight.data.double()
     fit.bias.data = fit.bias.data.double()
     fit.step(batch)
@@ -74,6 +75,19 @@ def test_first_step_is_nesterov_sgd_on_the_finite_difference_gradient(family: st
         g = (loss(e) - loss(-e)) / (2 * eps)
         # Nesterov's first step from zero: buffer = g, update = g + mom * g, at lr * (1 - mom); decay of 0 is 0
         assert float(fit.bias[0, j].detach()) == pytest.approx(-lr * (1 - mom) * (1 + mom) * g, rel=2e-3, abs=2e-3 * scale)
+
+
+def test_gradient_norm_is_clipped_over_all_rows() -> None:
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30)
+    rows = [s.name for s in lens_sites(SiteMap(model))]
+    batch = _batch(model)
+    clip = 1e-4
+    fit = TunedLensFitter(model, rows, steps=10, lr=1.0, momentum=0.9, weight_decay=0.0, max_grad_norm=clip)
+    fit.step(batch)
+    moved = torch.cat([fit.weight.detach().flatten(), fit.bias.detach().flatten()]).norm()
+    assert float(moved) == pytest.approx(0.1 * 1.9 * clip, rel=1e-4)  # the step of a unit-norm gradient times clip
 
 
 def test_planted_transform_is_recovered() -> None:
@@ -89,7 +103,7 @@ def test_planted_transform_is_recovered() -> None:
                torch.diag(torch.linspace(0.5, 2.0, sm.d_model))]
     shift = torch.randn(sm.d_model, generator=g)
     batch = {fin: final, rows[0]: final @ planted[0].t() + shift, rows[1]: final @ planted[1].t()}
-    fit = TunedLensFitter(model, rows, steps=300, lr=1.0, weight_decay=0.0)
+    fit = TunedLensFitter(model, rows, steps=300, lr=1.0, weight_decay=0.0, max_grad_norm=0.0)
     first = fit.step(batch)
     for _ in range(299):
         last = fit.step(batch)
