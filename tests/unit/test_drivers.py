@@ -68,7 +68,7 @@ def test_planted_driver_is_found_and_its_ablation_switches_the_neuron_off() -> N
     assert float(res.head_consistency[0, 2]) == 1.0
     assert len(res.contexts) == 6 and res.contexts[0][2] >= res.contexts[-1][2]
     a = res.ablation
-    assert a["activation_top"] < 0.5 * a["activation"]
+    assert a["activation_top"] < 0.5 * a["activation"] and a["pre_activation_top"] < 0.5 * a["pre_activation"]
     assert abs(a["activation_random"] - a["activation"]) < abs(a["activation_top"] - a["activation"])
     assert res.random_heads[0] != (0, 2) and res.random_heads[0][0] <= 1  # upstream of block 1's MLP
     assert sm.n_heads == res.head_mean.shape[1]
