@@ -99,7 +99,8 @@ def patch_timing(spec: str) -> dict[str, object]:
 
 
 def tuned_lens_bench(spec: str, layers: str, steps: int, tokens: int, eval_tokens: int,
-                     peer_steps: int, peer_tokens: int, peer_bf16: bool) -> dict[str, object]:
+                     peer_steps: int, peer_tokens: int, peer_bf16: bool, lr: float = 1.0,
+                     precondition: bool = True) -> dict[str, object]:
     import subprocess
     import sys
     import tempfile
@@ -120,13 +121,14 @@ def tuned_lens_bench(spec: str, layers: str, steps: int, tokens: int, eval_token
     sm = SiteMap(lm.model)
     tmp = Path(tempfile.mkdtemp(prefix="fl-tuned-"))
     cfg = LensTrainConfig(model=spec, layers=layers, steps=steps, tokens_per_step=tokens, eval_tokens=eval_tokens,
-                          out=str(tmp / "run"), device="cpu")
+                          lr=lr, precondition=precondition, out=str(tmp / "run"), device="cpu")
     t0 = time.perf_counter()
     res = train_lens(cfg, lm=lm, progress=False)
     total = time.perf_counter() - t0
     ev = res["eval"]
     out: dict[str, object] = {
-        "rows": ev["rows"], "steps": steps, "tokens_per_step": tokens, "eval_tokens": ev["tokens"],
+        "rows": ev["rows"], "steps": steps, "tokens_per_step": tokens, "lr": lr, "precondition": precondition,
+        "eval_tokens": ev["tokens"],
         "kl_logit": [round(v, 4) for v in ev["kl_logit"]], "kl_tuned": [round(v, 4) for v in ev["kl_tuned"]],
         "perplexity_logit": [round(v, 1) for v in ev["perplexity_logit"]],
         "perplexity_tuned": [round(v, 1) for v in ev["perplexity_tuned"]],
@@ -137,7 +139,7 @@ def tuned_lens_bench(spec: str, layers: str, steps: int, tokens: int, eval_token
     fin = final_site(sm).name
     train = _contexts(lm, cfg, "train", None)
     batch = next(_pool_batches(stream_chunks(lm, [*rows, fin], train.tokens, train.keep, seed=1), peer_tokens))
-    fit = TunedLensFitter(lm.model, rows, peer_steps, micro_batch=peer_tokens)
+    fit = TunedLensFitter(lm.model, rows, peer_steps, micro_batch=peer_tokens, precondition=False)  # its algorithm
     t0 = time.perf_counter()
     for _ in range(peer_steps):
         fit.step(batch)
@@ -181,6 +183,9 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(BUNDLED_MODELS), help="comma-separated bundled models")
     ap.add_argument("--tuned-layers", default="every:6", help="tuned-lens rows to train (see featurelens lens train)")
     ap.add_argument("--tuned-steps", type=int, default=20)
+    ap.add_argument("--tuned-lr", default="1.0,gemma-3-270m=0.2",
+                    help="tuned-lens learning rate: a number, then MODEL=LR overrides (Gemma-3 needs a smaller one)")
+    ap.add_argument("--no-precondition", action="store_true", help="train with the package's plain parametrisation")
     ap.add_argument("--tuned-tokens", type=int, default=256, help="training tokens per step")
     ap.add_argument("--peer-steps", type=int, default=3, help="steps timed against the tuned-lens package")
     ap.add_argument("--peer-tokens", type=int, default=128)
@@ -195,9 +200,12 @@ def main() -> None:
         entry: dict[str, object] = {"logit_lens": lens_kl(spec, n)}
         if not args.skip_patching:
             entry["patching"] = patch_timing(spec)
+        lrs = [p.strip() for p in args.tuned_lr.split(",") if p.strip()]
+        lr = float(next((p for p in lrs if "=" not in p), "1.0"))
+        lr = next((float(p.split("=")[1]) for p in lrs if p.split("=")[0] == spec), lr)
         entry["tuned_lens"] = tuned_lens_bench(spec, args.tuned_layers, 4 if args.quick else args.tuned_steps,
                                                args.tuned_tokens, 256 if args.quick else n, args.peer_steps,
-                                               args.peer_tokens, args.peer_bf16)
+                                               args.peer_tokens, args.peer_bf16, lr, not args.no_precondition)
         out[spec] = entry
         print(json.dumps({spec: out[spec]}), flush=True)
     ok = True

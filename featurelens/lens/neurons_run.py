@@ -93,7 +93,7 @@ def _entry(lm: LoadedModel, d: NeuronDrivers, tokens: Any) -> dict[str, Any]:
             "driving_heads": [{"head": f"L{la}.H{h}", "mean_contribution": v,
                                "consistency": float(d.head_consistency[la, h])} for v, la, h in order],
             "ablated": [f"L{la}.H{h}" for la, h in d.top_heads], "random": [f"L{la}.H{h}" for la, h in d.random_heads],
-            "ablation": d.ablation}
+            "sources": d.sources, "ablation": d.ablation}
 
 
 def run_neurons(cfg: NeuronsConfig, lm: LoadedModel | None = None, progress: bool = True) -> dict[str, Any]:
@@ -126,8 +126,10 @@ def run_neurons(cfg: NeuronsConfig, lm: LoadedModel | None = None, progress: boo
         def mean(k: str) -> float | None:
             return sum(a[k] for a in with_abl) / len(with_abl) if with_abl else None
         summary = {"config": asdict(cfg), "model": lm.name, "scanned_tokens": ctx.n_tokens, "neurons": entries,
-                   "mean_ablation": {f"{k}{s}": mean(f"{k}{s}") for k in ("pre_activation", "activation", "token_prob")
-                                     for s in ("", "_top", "_random")},
+                   "mean_ablation": {**{f"{k}{s}": mean(f"{k}{s}") for k in ("pre_activation", "activation", "token_prob")
+                                        for s in ("", "_top", "_random")}, "top_heads_direct": mean("top_heads_direct")},
+                   "mean_sources": {k: (sum(e["sources"][k] for e in entries) / len(entries) if entries else None)
+                                    for k in ("embed", "attention", "mlp", "constant")},
                    "top_lowers_more_than_random": {
                        k: sum(a[f"{k}_top"] < a[f"{k}_random"] for a in with_abl) for k in ("pre_activation", "activation",
                                                                                           "token_prob")}}
@@ -148,7 +150,8 @@ def _page(lm: LoadedModel, summary: dict[str, Any], entries: list[dict[str, Any]
     if m.get("activation") is not None:
         body.append(f"<p>Mean over neurons: pre-activation {m['pre_activation']:.3f} clean, "
                     f"<b>{m['pre_activation_top']:.3f}</b> with the driving heads ablated, "
-                    f"{m['pre_activation_random']:.3f} with random heads; activation {m['activation']:.3f} clean, <b>{m['activation_top']:.3f}</b> "
+                    f"{m['pre_activation_random']:.3f} with random heads (the driving heads' direct share: "
+                    f"{m['top_heads_direct']:.3f}); activation {m['activation']:.3f} clean, <b>{m['activation_top']:.3f}</b> "
                     f"with the driving heads ablated, {m['activation_random']:.3f} with random heads ablated; "
                     f"token probability {m['token_prob']:.4f} / <b>{m['token_prob_top']:.4f}</b> / "
                     f"{m['token_prob_random']:.4f}.</p>")
@@ -158,6 +161,7 @@ def _page(lm: LoadedModel, summary: dict[str, Any], entries: list[dict[str, Any]
         rows = "".join(f"<tr><td>{c['activation']:.2f}</td><td class='t'>"
                        f"{_snippet(lm, tokens[c['context']].tolist(), c['position'])}</td></tr>" for c in e["contexts"])
         body.append(f"<table><caption>strongest firings (the firing token in bold)</caption>{rows}</table>")
+        body.append(bar_rows(list(e["sources"].items()), "what writes its pre-activation at those firings (mean, exact split)"))
         body.append(bar_rows([(f"{h['head']} (consistency {h['consistency']:.2f})", h["mean_contribution"])
                               for h in e["driving_heads"]], "driving heads: mean contribution to the pre-activation"))
         a = e["ablation"]

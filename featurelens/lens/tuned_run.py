@@ -24,7 +24,7 @@ from featurelens.models.sites import SiteMap
 
 RUN_KIND = "lens-train"
 _TRAINING_FIELDS = ("model", "acts", "corpus", "context_length", "layers", "steps", "tokens_per_step", "lr",
-                    "momentum", "weight_decay", "max_grad_norm", "seed")
+                    "momentum", "weight_decay", "max_grad_norm", "precondition", "seed")
 
 
 @dataclass
@@ -55,6 +55,9 @@ class LensTrainConfig:
     """Weight decay on the translators (toward the identity: they are parametrised residually)."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm of all translators together to this before each step (the package's 1); 0: off."""
+    precondition: bool = True
+    """Optimise in per-dimension standardised coordinates (ours; needed for models with massive activations
+    such as Gemma); off: the tuned-lens package's plain parametrisation."""
     eval_tokens: int = 2048
     """Held-out tokens (the corpus's test split) for the tuned vs logit lens comparison; 0 skips it."""
     checkpoint_every: int = 10
@@ -217,7 +220,7 @@ def train_lens(cfg: LensTrainConfig, lm: LoadedModel | None = None, progress: bo
             chunks = stream_chunks(lm, [*rows, fin], train.tokens, train.keep, cfg.seed)
         out = make_out(cfg.out, RUN_KIND)
         fitter = TunedLensFitter(lm.model, rows, cfg.steps, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.micro_batch,
-                                 cfg.max_grad_norm)
+                                 cfg.max_grad_norm, cfg.precondition)
         ckpt = out / "checkpoint"
         log: list[dict[str, Any]] = []
         if (ckpt / "state.json").is_file():

@@ -97,3 +97,11 @@ def test_run_neurons_writes_a_consistent_report(tmp_path) -> None:  # type: igno
     assert all(f"L{e['layer']}.N{e['neuron']}" in page for e in res["neurons"])
     with pytest.raises(Exception, match="out of range"):
         NeuronsConfig(layers="7").layer_list(3)
+
+
+def test_sources_add_up_to_the_pre_activation() -> None:
+    model = _model("gemma2")
+    tokens = np.random.default_rng(1).integers(3, 128, size=(6, 12))
+    n = TokenNeuron(2, 7, token=9, zscore=0.0)
+    res = neuron_drivers(model, tokens, np.ones_like(tokens, dtype=bool), [n], n_contexts=3, n_heads=2)[0]
+    assert sum(res.sources.values()) == pytest.approx(res.ablation["pre_activation"], abs=1e-4)

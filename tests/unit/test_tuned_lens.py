@@ -62,7 +62,7 @@ def test_first_step_is_nesterov_sgd_on_the_finite_difference_gradient(family: st
 
     lr, mom = 1.0, 0.9
     fit = TunedLensFitter(model, [row], steps=10, lr=lr, momentum=mom, weight_decay=1e-3, micro_batch=5,
-                          max_grad_norm=0.0)
+                          max_grad_norm=0.0, precondition=False)
     fit.weight.data = fit.weight.data.double()
     fit.bias.data = fit.bias.data.double()
     fit.step(batch)
@@ -84,7 +84,8 @@ def test_gradient_norm_is_clipped_over_all_rows() -> None:
     rows = [s.name for s in lens_sites(SiteMap(model))]
     batch = _batch(model)
     clip = 1e-4
-    fit = TunedLensFitter(model, rows, steps=10, lr=1.0, momentum=0.9, weight_decay=0.0, max_grad_norm=clip)
+    fit = TunedLensFitter(model, rows, steps=10, lr=1.0, momentum=0.9, weight_decay=0.0, max_grad_norm=clip,
+                          precondition=False)
     fit.step(batch)
     moved = torch.cat([fit.weight.detach().flatten(), fit.bias.detach().flatten()]).norm()
     assert float(moved) == pytest.approx(0.1 * 1.9 * clip, rel=1e-4)  # the step of a unit-norm gradient times clip
@@ -242,3 +243,35 @@ def test_train_from_store_matches_stream_data(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="lacks"):
         train_lens(LensTrainConfig(model="tiny", acts=str(tmp_path / "s2"), steps=1, out=str(tmp_path / "r2"),
                                    device="cpu"), lm=lm, progress=False)
+
+
+def test_preconditioning_handles_a_massive_dimension() -> None:
+    """As in Gemma-3's residual stream: dimension 0 is ~1000x the rest and the final norm all but ignores
+    it (it only sets the scale). The row is already close to the final stream, so the logit lens is
+    nearly right; a unit-norm SGD step on the plain parametrisation (the package's) writes ~19% of the
+    massive dimension's size into the others and wrecks it, the standardised one does not. The saved lens
+    (in the model's own coordinates) gives exactly the fitter's translated stream."""
+    model = tiny_model("llama")
+    sm = SiteMap(model)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30)
+        sm.final_norm().weight[0] = 1e-3
+    fin, row = final_site(sm).name, lens_sites(sm)[1].name
+    g = torch.Generator().manual_seed(0)
+    final = torch.randn(256, sm.d_model, generator=g)
+    final[:, 0] = 1000 + 10 * torch.randn(256, generator=g)
+    h = final + 0.05 * torch.randn(256, sm.d_model, generator=g)
+    batch = {fin: final, row: h}
+    res = {}
+    for pre in (False, True):
+        fit = TunedLensFitter(model, [row], steps=20, precondition=pre)
+        first = fit.step(batch)[0]
+        for _ in range(19):
+            fit.step(batch)
+        res[pre] = (first, float(lens_kl(model, fit.result("t"), batch, [row])["tuned"].mean()))
+        if pre:
+            sig = fit.sigma[0]
+            manual = h + sig * ((h / sig) @ fit.weight[0].detach().t() + fit.bias[0].detach())
+            torch.testing.assert_close(fit.result("t").translate(row, h), manual, rtol=1e-4, atol=1e-2)
+    assert res[False][1] > 3 * res[False][0], res  # the plain step made it worse
+    assert res[True][1] < res[True][0], res  # the standardised one improved it
