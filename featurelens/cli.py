@@ -109,6 +109,11 @@ class TrainSource:
     """JumpReLU initial threshold (on normalised activations)."""
     aux_coeff: float = 1 / 32
     """AuxK coefficient for topk-style architectures (Gao et al.: 1/32)."""
+    target_site: str = ""
+    """Train transcoders: reconstruct this site from --site (e.g. --site blocks.6.ln2.hook_normalized
+    --target-site blocks.6.hook_mlp_out); empty: SAEs of --site."""
+    skip: bool = False
+    """Transcoders: add a linear skip path from input to output (skip transcoders, Paulo et al. 2025)."""
 
 
 def _grid(src: TrainSource) -> list:
@@ -131,7 +136,8 @@ def _grid(src: TrainSource) -> list:
                 for c in [0.0] if topk_like else split(src.sparsity_coeff, float, "sparsity-coeff"):
                     specs.append(SAESpec(arch=arch, width=width, k=k, sparsity_coeff=c, lr=src.lr,
                                          p_end=src.p_end if not topk_like else 1.0, bandwidth=src.bandwidth,
-                                         init_threshold=src.init_threshold, aux_coeff=src.aux_coeff))
+                                         init_threshold=src.init_threshold, aux_coeff=src.aux_coeff,
+                                         skip=src.skip))
     return specs
 
 
@@ -145,7 +151,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     if src.acts:
         store = ActivationStore(src.acts)
         site = store.resolve_site(src.site or None)  # a multi-site store needs --site
-        trainer, batches = store_trainer(store, site, specs, cfg)
+        trainer, batches = store_trainer(store, site, specs, cfg, target_site=src.target_site)
     else:
         if not (src.model and src.site):
             raise UsageError("give --acts STORE, or --model M and --site S to stream activations from a model")
@@ -163,14 +169,17 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
         contexts = pack_contexts(iter_texts(src.corpus, "train"), lm.tokenizer, src.context_length,
                                  source_name=f"text source {src.corpus!r}")
-        meta = SAEMeta(hook_name=src.site, model_name=lm.name, context_size=src.context_length, hook_layer=site_obj.layer)
+        if src.target_site:
+            sm.parse(src.target_site)
+        meta = SAEMeta(hook_name=src.site, model_name=lm.name, context_size=src.context_length, hook_layer=site_obj.layer,
+                       target_hook_name=src.target_site)
         data_id = f"stream:{lm.name}:{src.site}:{contexts.fingerprint()[:16]}"
         trainer = Trainer(specs, cfg, sm.dim(site_obj), meta, data_id=data_id)
         rank, world = rank_and_world()
         if cfg.batch_size % world:
             raise UsageError(f"--batch-size {cfg.batch_size} must divide evenly over {world} processes")
         batches = stream_batches(lm, src.site, cfg.batch_size // world, contexts=contexts, seed=cfg.seed,
-                                 rank=rank, world_size=world)
+                                 rank=rank, world_size=world, target_site=src.target_site or None)
     trainer.train(batches)
     for r in trainer.runs:
         last = r.log[-1] if r.log else {}

@@ -346,15 +346,30 @@ class ActivationStore:
         epochs: int = 1,
         drop_last: bool = True,
         dtype: torch.dtype = torch.float32,
-    ) -> Iterator[torch.Tensor]:
+        target_site: str | None = None,
+    ) -> Iterator[Any]:
         """Yield ``[batch_size, d]`` batches, shuffled across shards through a mixing buffer.
 
         For data parallelism every rank calls this with the same ``seed``: the store is cut into global
         batches of ``batch_size * world_size`` rows and rank ``r`` gets rows ``[r*batch_size,
         (r+1)*batch_size)`` of each, so all ranks take the same number of steps and together see
         exactly what one process with the global batch would see.
+
+        With ``target_site`` every batch is a pair ``(rows at site, the same rows at target_site)``, the
+        two shuffled together (a transcoder's input and target).
         """
         site = self.resolve_site(site)
+        sites = [site] + ([self.resolve_site(target_site)] if target_site else [])
+        d0 = self.d(site)
+
+        def read(i: int) -> np.ndarray:
+            parts = [np.asarray(self.shard(s, i)) for s in sites]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+        def emit(rows: np.ndarray) -> Any:
+            t = from_storage(rows, self.dtype, dtype)
+            return t if len(sites) == 1 else (t[:, :d0].contiguous(), t[:, d0:].contiguous())
+
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         gb = batch_size * world_size
@@ -364,18 +379,18 @@ class ActivationStore:
             order = rng.permutation(self.n_shards) if shuffle else np.arange(self.n_shards)
             pool: np.ndarray | None = None
             for i in order:
-                a = np.asarray(self.shard(site, int(i)))
+                a = read(int(i))
                 pool = a if pool is None else np.concatenate([pool, a])
                 if not shuffle:
                     while pool.shape[0] >= gb:
-                        yield from_storage(pool[lo:hi], self.dtype, dtype)
+                        yield emit(pool[lo:hi])
                         pool = pool[gb:]
                     continue
                 if pool.shape[0] >= max(buffer_tokens, 2 * gb):
                     pool = pool[rng.permutation(pool.shape[0])]
                     n_out = (pool.shape[0] // 2) // gb
                     for b in range(n_out):
-                        yield from_storage(pool[b * gb + lo : b * gb + hi], self.dtype, dtype)
+                        yield emit(pool[b * gb + lo : b * gb + hi])
                     pool = pool[n_out * gb :]
             if pool is None:
                 continue
@@ -383,10 +398,10 @@ class ActivationStore:
                 pool = pool[rng.permutation(pool.shape[0])]
             n_full = pool.shape[0] // gb
             for b in range(n_full):
-                yield from_storage(pool[b * gb + lo : b * gb + hi], self.dtype, dtype)
+                yield emit(pool[b * gb + lo : b * gb + hi])
             rest = pool[n_full * gb :]
             if not drop_last and rest.shape[0] > 0:
                 per = -(-rest.shape[0] // world_size)
                 part = rest[rank * per : (rank + 1) * per]
                 if part.shape[0] > 0:
-                    yield from_storage(part, self.dtype, dtype)
+                    yield emit(part)

@@ -12,6 +12,7 @@ and none is seen twice.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from featurelens.data.corpora import iter_texts
 from featurelens.data.tokenize import Contexts, pack_contexts
 from featurelens.models.hooks import ActivationCapture
 from featurelens.models.loading import LoadedModel
+from featurelens.models.sites import SiteMap, parse_site
 
 
 def stream_batches(
@@ -36,8 +38,10 @@ def stream_batches(
     contexts: Contexts | None = None,
     rank: int = 0,
     world_size: int = 1,
-) -> Iterator[torch.Tensor]:
-    """Yield shuffled ``[batch_size, d]`` float32 batches of ``site`` activations (BOS/pad excluded).
+    target_site: str | None = None,
+) -> Iterator[Any]:
+    """Yield shuffled ``[batch_size, d]`` float32 batches of ``site`` activations (BOS/pad excluded);
+    with ``target_site``, pairs ``(site rows, the same tokens' target_site rows)`` (a transcoder's).
 
     ``batch_size`` is this rank's share of the global batch; ``rank``/``world_size`` split the contexts
     between data-parallel processes (see the module docstring)."""
@@ -50,7 +54,15 @@ def stream_batches(
     n = tokens.shape[0]
     buf: list[torch.Tensor] = []
     held = 0
-    with ActivationCapture(model.model, [site]) as cap:
+    sites = [site] + ([target_site] if target_site else [])
+
+    d0 = SiteMap(model.model).dim(parse_site(site))
+
+    def emit(rows: torch.Tensor) -> Any:
+        if not target_site:
+            return rows
+        return rows[:, :d0].contiguous(), rows[:, d0:].contiguous()
+    with ActivationCapture(model.model, sites) as cap:
         for epoch in range(epochs):
             rng = np.random.default_rng([seed, epoch])
             order = rng.permutation(n)
@@ -60,7 +72,8 @@ def stream_batches(
                     continue
                 sel = order[b0 : b0 + contexts_per_forward]
                 ids = torch.from_numpy(tokens[sel].astype(np.int64)).to(model.device)
-                acts = cap.forward(ids)[site]
+                got = cap.forward(ids)
+                acts = torch.cat([got[s] for s in sites], dim=-1) if target_site else got[site]
                 rows = acts[torch.from_numpy(keep[sel]).to(acts.device)].float().cpu()
                 buf.append(rows)
                 held += rows.shape[0]
@@ -69,6 +82,6 @@ def stream_batches(
                     pool = pool[torch.randperm(pool.shape[0], generator=gen)]
                     n_out = (pool.shape[0] // 2) // batch_size
                     for i in range(n_out):
-                        yield pool[i * batch_size : (i + 1) * batch_size]
+                        yield emit(pool[i * batch_size : (i + 1) * batch_size])
                     rest = pool[n_out * batch_size :]
                     buf, held = [rest], rest.shape[0]

@@ -93,6 +93,11 @@ def _evaluate(cfg: EvalConfig, sae_paths: list[str] | None, saes: list[SAE] | No
         saes = [load_sae(p) for p in sae_paths]
         names = names or [Path(p).name for p in sae_paths]
     names = names or [f"sae{i}" for i in range(len(saes))]
+    tcs = [n for n, s in zip(names, saes) if s.cfg.is_transcoder]
+    if tcs:
+        raise UsageError(f"{', '.join(tcs)} is a transcoder (it reads {saes[names.index(tcs[0])].cfg.hook_name} and "
+                         "writes another site): `featurelens eval` measures SAEs; its training log holds the target "
+                         "FVU, and transcoder evaluation (replacement model) is not built yet")
     sites = {cfg.site} if cfg.site else {s.cfg.hook_name for s in saes}
     if len(sites) != 1 or not next(iter(sites)):
         raise UsageError(f"SAEs read different or unknown sites {sorted(sites)}: pass --site or evaluate them separately")

@@ -6,6 +6,10 @@ Supported site kinds (``L`` is a block index):
 ``blocks.L.hook_resid_pre``   the residual stream entering block ``L`` (input of the block)
 ``blocks.L.hook_resid_post``  the residual stream leaving block ``L`` (output of the block)
 ``blocks.L.hook_attn_out``    what attention writes into the residual stream
+``blocks.L.hook_resid_mid``   the stream after attention, before the MLP (``resid_pre + attn_out``;
+                              absent under GPT-NeoX's parallel residual, where the MLP reads resid_pre)
+``blocks.L.ln2.hook_normalized``  what the MLP reads: its input norm's output (OLMo2, which has no
+                              pre-norm: the stream itself); transcoders read this site
 ``blocks.L.hook_mlp_out``     what the MLP writes into the residual stream
 ``blocks.L.mlp.hook_post``    the MLP's hidden neurons (input of its down/out projection)
 =========================  =================================================================
@@ -29,14 +33,18 @@ from featurelens.errors import UsageError
 SITE_KINDS: tuple[str, ...] = (
     "hook_resid_pre",
     "hook_attn_out",
+    "hook_resid_mid",
+    "ln2.hook_normalized",
     "mlp.hook_post",
     "hook_mlp_out",
     "hook_resid_post",
 )
 """Site kinds in the order the forward pass produces them inside one block."""
 
-_SITE_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|mlp\.hook_post)$")
-SITE_PATTERN = "blocks.{L}.{hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|mlp.hook_post}"
+_SITE_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_resid_mid|ln2\.hook_normalized|"
+                      r"hook_mlp_out|mlp\.hook_post)$")
+SITE_PATTERN = ("blocks.{L}.{hook_resid_pre|hook_attn_out|hook_resid_mid|ln2.hook_normalized|mlp.hook_post|hook_mlp_out|"
+                "hook_resid_post}")
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,8 @@ class FamilyMap:
     mlp_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.gate_up_proj")
     """Paths inside a block (first that exists) to the linear layer whose output ``j`` is neuron ``j``'s
     switch: the gate of a gated MLP (Phi-3 fuses gate and up, gate first), else the first projection."""
+    mlp_module: str = "mlp"
+    """Path inside a block to the MLP module (its input is ``ln2.hook_normalized``)."""
     mlp_norm: str = "post_attention_layernorm"
     """Path inside a block to the norm between the residual stream and the MLP (empty: none, as OLMo2)."""
 
@@ -209,6 +219,14 @@ class SiteMap:
             return _get(block, self.family.attn_out), "out"
         if site.kind == "hook_mlp_out":
             return _get(block, self.family.mlp_out), "out"
+        if site.kind == "hook_resid_mid":
+            if self.parallel_mlp:
+                raise UsageError(f"site {site.name!r} does not exist on this model: its MLP reads the block's input "
+                                 f"(parallel residual); use blocks.{site.layer}.hook_resid_pre")
+            norm = self.mlp_norm(site.layer)
+            return (norm if norm is not None else _get(block, self.family.mlp_module)), "pre"
+        if site.kind == "ln2.hook_normalized":
+            return _get(block, self.family.mlp_module), "pre"
         return _get(block, self.family.mlp_post), "pre"
 
     def embedding_modules(self) -> list[nn.Module]:
@@ -245,7 +263,8 @@ class SiteMap:
         return [_get(self.blocks[layer], p) for p in self.family.writers]
 
     def names(self) -> list[str]:
-        return [f"blocks.{layer}.{k}" for layer in range(self.n_layers) for k in SITE_KINDS]
+        kinds = [k for k in SITE_KINDS if not (k == "hook_resid_mid" and self.parallel_mlp)]
+        return [f"blocks.{layer}.{k}" for layer in range(self.n_layers) for k in kinds]
 
 
 def site_map(model: nn.Module) -> SiteMap:

@@ -68,6 +68,17 @@ class SAEConfig:
     """Matryoshka: nested dictionary sizes (the last equals ``d_sae``)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Architecture-specific settings recorded for reference (bandwidth, penalty p, ...)."""
+    target_hook_name: str = ""
+    """Site the dictionary reconstructs; empty: ``hook_name`` itself (an SAE). A *transcoder* reads
+    ``hook_name`` (the MLP's input, ``blocks.L.ln2.hook_normalized``) and writes this one (``hook_mlp_out``)."""
+    skip: bool = False
+    """Skip transcoder (Paulo et al. 2025): an extra linear map ``W_skip [d_in, d_in]`` from the input
+    straight to the output, initialised at zero."""
+
+    @property
+    def is_transcoder(self) -> bool:
+        """Whether the input and target sites differ."""
+        return bool(self.target_hook_name) and self.target_hook_name != self.hook_name
 
 
 class SAEOutput(NamedTuple):
@@ -130,6 +141,9 @@ class LossContext:
     """Weight of auxiliary losses (AuxK)."""
     aux_dead_scale: bool = False
     """AuxK only: multiply by ``min(n_dead / k_aux, 1)`` (sparsify's variant; off follows Gao et al.)."""
+    x_in: Tensor | None = None
+    """The dictionary's input when it differs from the reconstruction target passed to ``loss``
+    (transcoders); None: the target is the input (an SAE)."""
 
 
 def mse_per_token(x_hat: Tensor, x: Tensor) -> Tensor:
@@ -165,6 +179,11 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        if cfg.is_transcoder and cfg.apply_b_dec_to_input:
+            raise UsageError("a transcoder's b_dec lives in its output space: it cannot be subtracted from the input "
+                             "(set apply_b_dec_to_input false)")
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(d_in, d_in))
         self.reset_parameters(torch.Generator().manual_seed(0))
 
     # -- initialisation ---------------------------------------------------------------------------
@@ -214,10 +233,19 @@ class SAE(nn.Module):
         """Reconstruction ``[..., d_in]`` from latents ``[..., d_sae]``."""
         return f @ self.W_dec + self.b_dec
 
+    def skip_term(self, x: Tensor) -> Tensor | float:
+        """A skip transcoder's direct path ``x @ W_skip``; 0 for everything else."""
+        return x @ self.W_skip if self.cfg.skip else 0.0
+
     def forward(self, x: Tensor) -> SAEOutput:
         pre = self.encode_pre(x)
         f = self.activate(pre)
-        return SAEOutput(self.decode(f), f, pre)
+        return SAEOutput(self.decode(f) + self.skip_term(x), f, pre)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Inference output for inputs ``[..., d_in]``: the SAE's reconstruction, a transcoder's prediction
+        of its target site (skip path included)."""
+        return self.decode(self.encode(x)) + self.skip_term(x)
 
     def loss(self, x: Tensor, out: SAEOutput, ctx: LossContext) -> LossOutput:
         raise NotImplementedError
@@ -256,11 +284,15 @@ class SAE(nn.Module):
 
     # -- normalisation folding --------------------------------------------------------------------
     @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> None:
-        """The SAE was trained on ``x * scale``; rewrite it to take raw ``x`` with identical latents."""
+    def fold_input_scale(self, scale: float, target_scale: float | None = None) -> None:
+        """The SAE was trained on ``x * scale`` (a transcoder on targets ``y * target_scale``); rewrite it
+        to take raw ``x`` and give raw outputs, with identical latents."""
+        out = scale if target_scale is None else target_scale
         self.W_enc.mul_(scale)
-        self.W_dec.div_(scale)
-        self.b_dec.div_(scale)
+        self.W_dec.div_(out)
+        self.b_dec.div_(out)
+        if self.cfg.skip:
+            self.W_skip.mul_(scale / out)
 
     # -- persistence ------------------------------------------------------------------------------
     def saelens_config(self) -> dict[str, Any]:
@@ -290,6 +322,9 @@ class SAE(nn.Module):
             **meta,
             "featurelens": {"format": FORMAT_VERSION, **dataclasses.asdict(c)},
         }
+        if c.is_transcoder:  # SAELens' transcoder keys
+            out["hook_name_out"] = c.target_hook_name
+            out["d_out"] = c.d_in
         if self.saelens_architecture == "topk":
             out["k"] = c.k
         return out

@@ -24,12 +24,13 @@ from featurelens.saes.base import SAE, LossContext, LossOutput, SAEConfig, SAEOu
 from featurelens.saes.registry import register
 
 
-def gated_loss(x: Tensor, out: SAEOutput, W_dec: Tensor, b_dec: Tensor, ctx: LossContext) -> LossOutput:
+def gated_loss(x: Tensor, out: SAEOutput, W_dec: Tensor, b_dec: Tensor, ctx: LossContext,
+               skip: Tensor | float = 0.0) -> LossOutput:
     mse = mse_per_token(out.x_hat, x)
     assert out.pre is not None
     gate = torch.relu(out.pre)
     sp = gate.sum(-1).mean()
-    aux = mse_per_token(gate @ W_dec.detach() + b_dec.detach(), x)
+    aux = mse_per_token(gate @ W_dec.detach() + b_dec.detach() + skip, x)  # skip: a skip transcoder's path, frozen
     loss = mse + ctx.sparsity_coeff * sp + aux
     return LossOutput(loss, {"mse": mse.detach(), "sparsity": sp.detach(), "aux": aux.detach()})
 
@@ -71,7 +72,8 @@ class GatedSAE(SAE):
     def forward(self, x: Tensor) -> SAEOutput:
         pi_gate = self.encode_pre(x)
         f = (pi_gate > 0).to(x.dtype) * torch.relu(self._mag(x))
-        return SAEOutput(self.decode(f), f, pi_gate)
+        return SAEOutput(self.decode(f) + self.skip_term(x), f, pi_gate)
 
     def loss(self, x: Tensor, out: SAEOutput, ctx: LossContext) -> LossOutput:
-        return gated_loss(x, out, self.W_dec, self.b_dec, ctx)
+        skip = self.skip_term(ctx.x_in if ctx.x_in is not None else x)
+        return gated_loss(x, out, self.W_dec, self.b_dec, ctx, skip.detach() if isinstance(skip, Tensor) else skip)

@@ -28,11 +28,13 @@ def default_prefixes(d_sae: int) -> list[int]:
     return sizes
 
 
-def matryoshka_loss(x: Tensor, out: SAEOutput, W_dec: Tensor, b_dec: Tensor, prefixes: list[int]) -> Tensor:
-    """Sum over prefixes of the per-token squared error of each prefix's reconstruction."""
+def matryoshka_loss(x: Tensor, out: SAEOutput, W_dec: Tensor, b_dec: Tensor, prefixes: list[int],
+                    skip: Tensor | float = 0.0) -> Tensor:
+    """Sum over prefixes of the per-token squared error of each prefix's reconstruction (a skip
+    transcoder's direct path ``skip`` is part of every prefix's)."""
     f = out.feats
     assert f is not None
-    recon = b_dec.expand_as(x)
+    recon = b_dec.expand_as(x) + skip
     total = x.new_zeros(())
     start = 0
     for m in prefixes:
@@ -54,4 +56,6 @@ class MatryoshkaSAE(BatchTopKSAE):
         super().__init__(cfg)
 
     def loss(self, x: Tensor, out: SAEOutput, ctx: LossContext) -> LossOutput:
-        return topk_family_loss(self, x, out, ctx, recon=matryoshka_loss(x, out, self.W_dec, self.b_dec, self.cfg.prefixes))
+        skip = self.skip_term(ctx.x_in if ctx.x_in is not None else x)
+        return topk_family_loss(self, x, out, ctx,
+                                recon=matryoshka_loss(x, out, self.W_dec, self.b_dec, self.cfg.prefixes, skip))

@@ -97,7 +97,7 @@ def topk_family_loss(sae: SAE, x: Tensor, out: SAEOutput, ctx: LossContext, reco
     if ctx.dead_mask is not None and bool(ctx.dead_mask.any()):
         pre = out.pre
         if pre is None:  # the fast path does not keep dense pre-activations; recompute once here
-            pre = sae.encode_pre(x)
+            pre = sae.encode_pre(ctx.x_in if ctx.x_in is not None else x)
         aux = auxk_loss(x, out.x_hat, pre, sae.W_dec, ctx.dead_mask, k_aux=max(1, sae.cfg.d_in // 2))
         if ctx.aux_dead_scale:  # sparsify's variant: weaker while few latents are dead
             aux = aux * min(1.0, int(ctx.dead_mask.sum()) / max(1, sae.cfg.d_in // 2))
@@ -131,7 +131,7 @@ class TopKSAE(SAE):
         if not self.fast:
             return super().forward(x)
         vals, idx = _TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, self.k, self.cfg.apply_b_dec_to_input)
-        x_hat = sparse_decode(idx, vals, self.W_dec, self.b_dec)
+        x_hat = sparse_decode(idx, vals, self.W_dec, self.b_dec) + self.skip_term(x)
         return SAEOutput(x_hat, None, None, idx, vals)
 
     def loss(self, x: Tensor, out: SAEOutput, ctx: LossContext) -> LossOutput:

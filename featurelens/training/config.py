@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from featurelens.configs import check_device, check_ranges
+from featurelens.errors import UsageError
 from featurelens.saes.base import SAE, SAEConfig
 from featurelens.saes.matryoshka import default_prefixes
 from featurelens.saes.registry import get_architecture
@@ -53,6 +54,8 @@ class SAESpec:
     """TopK: sparse decode and sparse encoder backward (False: dense reference path)."""
     name: str = ""
     """Output subfolder; empty derives one from arch and hyperparameters."""
+    skip: bool = False
+    """Transcoders only: add a linear skip path from input to output (Paulo et al. 2025)."""
 
     def __post_init__(self) -> None:
         check_ranges(self, positive=("width", "k", "bandwidth", "init_threshold"),
@@ -61,9 +64,10 @@ class SAESpec:
     def default_name(self) -> str:
         if self.name:
             return self.name
+        tail = "-skip" if self.skip else ""
         if self.arch in ("topk", "batchtopk", "matryoshka"):
-            return f"{self.arch}-w{self.width}-k{self.k}"
-        return f"{self.arch}-w{self.width}-c{self.coeff():g}" + (f"-p{self.p_end:g}" if self.p_end != 1.0 else "")
+            return f"{self.arch}-w{self.width}-k{self.k}{tail}"
+        return f"{self.arch}-w{self.width}-c{self.coeff():g}" + (f"-p{self.p_end:g}" if self.p_end != 1.0 else "") + tail
 
     def coeff(self) -> float:
         if self.sparsity_coeff:
@@ -144,6 +148,8 @@ class SAEMeta:
     context_size: int = 128
     prepend_bos: bool = True
     hook_layer: int = -1
+    target_hook_name: str = ""
+    """A transcoder's target site (empty: an SAE, which reconstructs ``hook_name``)."""
 
 
 def build_sae(spec: SAESpec, d_in: int, meta: SAEMeta, seed: int) -> SAE:
@@ -157,7 +163,11 @@ def build_sae(spec: SAESpec, d_in: int, meta: SAEMeta, seed: int) -> SAE:
         hook_name=meta.hook_name, hook_layer=meta.hook_layer, model_name=meta.model_name,
         context_size=meta.context_size, prepend_bos=meta.prepend_bos, prefixes=prefixes,
         extra={"bandwidth": spec.bandwidth, "init_threshold": spec.init_threshold} if spec.arch == "jumprelu" else {},
+        target_hook_name=meta.target_hook_name, skip=spec.skip,
+        apply_b_dec_to_input=not (meta.target_hook_name and meta.target_hook_name != meta.hook_name),
     )
+    if spec.skip and not cfg.is_transcoder:
+        raise UsageError("skip is for transcoders: give a target site different from the input site")
     sae = cls(cfg)
     sae.reset_parameters(torch.Generator().manual_seed(seed))
     if hasattr(sae, "fast"):

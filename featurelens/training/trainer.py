@@ -95,9 +95,14 @@ class Trainer:
             check_out(self.out, "train-run")
             for n in names:
                 check_target(self.out / n, "sae", overwrite=True)
-        self.hash = _config_hash(specs, cfg, d_in, data_id)
+        self.transcoder = bool(self.meta.target_hook_name) and self.meta.target_hook_name != self.meta.hook_name
+        if self.transcoder and cfg.resample_every:
+            raise UsageError("--resample-every is not supported for transcoders (it points latents at input-space "
+                             "residuals): leave it 0; AuxK handles dead latents")
+        self.hash = _config_hash(specs, cfg, d_in, data_id + (f"|target:{self.meta.target_hook_name}" if self.transcoder else ""))
         self.step = 0
         self.scale = 1.0
+        self.target_scale: float | None = None
         self.runs: list[_Run] = []
         for i, (spec, name) in enumerate(zip(specs, names)):
             sae = build_sae(spec, d_in, self.meta, cfg.seed + i).to(self.device)
@@ -121,11 +126,14 @@ class Trainer:
             tensors.append(t)
             runs.append({"name": r.name, "coeff_mult": r.coeff_mult, "last_p": r.last_p, **r.stats.counters(),
                          "cfg": dataclasses.asdict(r.sae.cfg)})
-        write_checkpoint(self.out, self.step, self.hash, {"scale": self.scale, "runs": runs}, tensors)
+        write_checkpoint(self.out, self.step, self.hash, {"scale": self.scale, "target_scale": self.target_scale,
+                                                          "runs": runs}, tensors)
 
     def load_checkpoint(self, path: Path) -> None:
         state, tensors = read_checkpoint(path, len(self.runs))
         self.step, self.scale = int(state["step"]), float(state["scale"])
+        ts = state.get("target_scale")
+        self.target_scale = float(ts) if ts is not None else None
         for r, t, rs in zip(self.runs, tensors, state["runs"]):
             try:
                 r.sae.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("param.")})
@@ -146,7 +154,21 @@ class Trainer:
             raise FeatureLensError("activations have zero or non-finite norm: check the activation source")
         return math.sqrt(self.d_in) / mean_norm
 
-    def train(self, batches: Iterable[Tensor], progress: bool = True) -> list[SAE]:
+    def _pair(self, batch: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """``(input, target)``: a transcoder's batches are pairs of rows from its two sites; an SAE's one tensor."""
+        if isinstance(batch, (tuple, list)):
+            if not self.transcoder:
+                raise FeatureLensError("paired batches were given to an SAE: set the target site (transcoder) or pass one site")
+            x, y = batch
+            if x.shape != y.shape:
+                raise FeatureLensError(f"a transcoder's input and target batches differ in shape: {tuple(x.shape)} vs "
+                                       f"{tuple(y.shape)}")
+            return x, y
+        if self.transcoder:
+            raise FeatureLensError("a transcoder needs paired batches (input, target) from two sites")
+        return batch, None
+
+    def train(self, batches: Iterable[Any], progress: bool = True) -> list[SAE]:
         """Run to ``cfg.steps`` (resuming from the latest checkpoint) and save every SAE; return them.
         Rank 0 holds the lock on ``cfg.out`` throughout."""
         if self.rank != 0:
@@ -155,11 +177,11 @@ class Trainer:
             make_out(self.out, "train-run")
             return self._train(batches, progress)
 
-    def _train(self, batches: Iterable[Tensor], progress: bool) -> list[SAE]:
+    def _train(self, batches: Iterable[Any], progress: bool) -> list[SAE]:
         cfg = self.cfg
-        it: Iterator[Tensor] = iter(batches)
+        it: Iterator[Any] = iter(batches)
         ckpt = self._latest()
-        head: list[Tensor] = []
+        head: list[Any] = []
         if ckpt is not None:
             self.load_checkpoint(ckpt)
             if self.rank == 0:
@@ -172,10 +194,16 @@ class Trainer:
             head = [b for b in (next(it, None) for _ in range(max(1, cfg.init_batches))) if b is not None]
             if not head:
                 raise FeatureLensError("the activation stream is empty")
-            if head[0].shape[-1] != self.d_in:
-                raise FeatureLensError(f"batches have width {head[0].shape[-1]}, expected d_in={self.d_in}")
-            self.scale = self._estimate_scale(head) if cfg.normalize else 1.0
-            x0 = torch.cat([all_gather_rows(b.to(self.device, torch.float32), self.world) for b in head]) * self.scale
+            pairs = [self._pair(b) for b in head]
+            if pairs[0][0].shape[-1] != self.d_in:
+                raise FeatureLensError(f"batches have width {pairs[0][0].shape[-1]}, expected d_in={self.d_in}")
+            self.scale = self._estimate_scale([x for x, _ in pairs]) if cfg.normalize else 1.0
+            if self.transcoder:  # the target gets its own scalar; b_dec (an output-space bias) starts from targets
+                ys = [y for _, y in pairs if y is not None]
+                self.target_scale = self._estimate_scale(ys) if cfg.normalize else 1.0
+                x0 = torch.cat([all_gather_rows(y.to(self.device, torch.float32), self.world) for y in ys]) * self.target_scale
+            else:
+                x0 = torch.cat([all_gather_rows(x.to(self.device, torch.float32), self.world) for x, _ in pairs]) * self.scale
             for r in self.runs:
                 r.sae.init_from_data(x0, r.spec.b_dec_init)
         stream = _chain(head, it)
@@ -188,8 +216,10 @@ class Trainer:
             if batch is None:
                 raise UsageError(f"the activation stream ran out at step {self.step} of {cfg.steps}: "
                                        "harvest more tokens, lower --steps, or train for more epochs")
-            x = batch.to(self.device, torch.float32, non_blocking=True) * self.scale
-            metrics = [self._step(r, x) for r in self.runs]
+            xb, yb = self._pair(batch)
+            x = xb.to(self.device, torch.float32, non_blocking=True) * self.scale
+            y = None if yb is None else yb.to(self.device, torch.float32, non_blocking=True) * float(self.target_scale or 1.0)
+            metrics = [self._step(r, x, y) for r in self.runs]
             self.step += 1
             tok0 += x.shape[0] * self.world
             bar.update(1)
@@ -212,8 +242,10 @@ class Trainer:
         self.save_checkpoint()
         return self.finish()
 
-    def _step(self, r: _Run, x: Tensor) -> dict[str, float]:
+    def _step(self, r: _Run, x: Tensor, y: Tensor | None = None) -> dict[str, float]:
+        """One optimiser step on input ``x``, reconstructing ``y`` (a transcoder's target) or ``x`` itself."""
         cfg, spec, sae = self.cfg, r.spec, r.sae
+        target = x if y is None else y
         step, total = self.step, cfg.steps
         p = p_value(step, total, spec.p_start, spec.p_end, spec.p_anneal_start)
         lr = spec.learning_rate() * lr_factor(step, total, cfg.warmup_steps, cfg.decay_start)
@@ -234,8 +266,8 @@ class Trainer:
             r.last_p = p
         ctx = LossContext(sparsity_coeff=spec.coeff() * r.coeff_mult * sparsity_factor(step, total, cfg.sparsity_warmup),
                           p=p, dead_mask=dead, aux_coeff=spec.aux_coeff,
-                          aux_dead_scale=spec.aux_dead_scale)
-        lo = sae.loss(x, out, ctx)
+                          aux_dead_scale=spec.aux_dead_scale, x_in=None if y is None else x)
+        lo = sae.loss(target, out, ctx)
         r.opt.zero_grad(set_to_none=True)
         lo.loss.backward()
         if self.world > 1:
@@ -251,8 +283,8 @@ class Trainer:
             sae.update_stats(out, self.world)
             fires = all_reduce(out.fire_counts(spec.width).to(torch.long), self.world)
             r.stats.update(fires, x.shape[0] * self.world)
-            err = (out.x_hat - x).pow(2).sum()
-            var = (x - x.mean(0)).pow(2).sum()
+            err = (out.x_hat - target).pow(2).sum()
+            var = (target - target.mean(0)).pow(2).sum()
             stats = torch.stack([err, var, out.l0().float(), lo.loss.detach().float()]
                                 + [v.float().reshape(()) for v in lo.parts.values()])
             all_reduce(stats, self.world)
@@ -282,9 +314,11 @@ class Trainer:
         out: list[SAE] = []
         for r in self.runs:
             sae = copy.deepcopy(r.sae).eval()
-            sae.fold_input_scale(self.scale)
+            sae.fold_input_scale(self.scale, self.target_scale)
             sae.cfg.extra["trained_steps"] = self.step
             sae.cfg.extra["input_scale_folded"] = self.scale
+            if self.target_scale is not None:
+                sae.cfg.extra["target_scale_folded"] = self.target_scale
             if self.rank == 0:
                 sae.save(self.out / r.name, overwrite=True)  # this run's own output (a rerun re-saves it)
             out.append(sae)
@@ -345,21 +379,28 @@ def _maybe_wandb(cfg: TrainConfig, runs: list[_Run]) -> Any:
                                                          "saes": [dataclasses.asdict(r.spec) for r in runs]})
 
 
-def store_trainer(store: Any, site: str, specs: list[SAESpec], cfg: TrainConfig) -> tuple[Trainer, Iterator[Tensor]]:
-    """A :class:`Trainer` for ``specs`` on ``site`` of an activation store, and this rank's batch stream
-    (seeded by ``cfg.seed``, enough epochs for ``cfg.steps``)."""
+def store_trainer(store: Any, site: str, specs: list[SAESpec], cfg: TrainConfig,
+                  target_site: str = "") -> tuple[Trainer, Iterator[Any]]:
+    """A :class:`Trainer` for ``specs`` on ``site`` of an activation store (transcoders: reading ``site``
+    and reconstructing ``target_site``, same rows), and this rank's batch stream (seeded by ``cfg.seed``,
+    enough epochs for ``cfg.steps``)."""
     from featurelens.models.sites import parse_site
 
+    if target_site and store.d(target_site) != store.d(site):
+        raise UsageError(f"{site} is {store.d(site)} wide and {target_site} {store.d(target_site)}: a transcoder "
+                         "here maps between sites of the same width (the MLP's input and output)")
     meta = SAEMeta(hook_name=site, model_name=str(store.manifest.get("model", "")),
-                   context_size=int(store.manifest.get("context_length", 128)), hook_layer=parse_site(site).layer)
-    trainer = Trainer(specs, cfg, store.d(site), meta, data_id=f"store:{store.fingerprint(site)}")
+                   context_size=int(store.manifest.get("context_length", 128)), hook_layer=parse_site(site).layer,
+                   target_hook_name=target_site)
+    data_id = f"store:{store.fingerprint(site)}" + (f"+{store.fingerprint(target_site)}" if target_site else "")
+    trainer = Trainer(specs, cfg, store.d(site), meta, data_id=data_id)
     epochs = -(-cfg.steps * cfg.batch_size // max(1, store.n_tokens)) + 1
     batches = store.batches(site, batch_size=cfg.batch_size // trainer.world, seed=cfg.seed, rank=trainer.rank,
-                            world_size=trainer.world, epochs=epochs)
+                            world_size=trainer.world, epochs=epochs, target_site=target_site or None)
     return trainer, batches
 
 
-def train_saes(specs: list[SAESpec], batches: Iterable[Tensor], cfg: TrainConfig, d_in: int,
+def train_saes(specs: list[SAESpec], batches: Iterable[Any], cfg: TrainConfig, d_in: int,
                meta: SAEMeta | None = None, progress: bool = True) -> list[SAE]:
     """Train several SAEs on one batch stream (see :class:`Trainer`); returns the saved SAEs."""
     return Trainer(specs, cfg, d_in, meta).train(batches, progress=progress)

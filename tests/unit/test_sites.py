@@ -44,6 +44,37 @@ def test_resid_identities_and_hidden_states(family_model: tuple[str, torch.nn.Mo
         assert acts[f"blocks.{layer}.mlp.hook_post"].shape == (2, 10, sm.d_mlp)
 
 
+def test_mlp_input_sites(family_model: tuple[str, torch.nn.Module]) -> None:
+    """resid_mid = resid_pre + attn_out (sequential families); ln2.hook_normalized is the MLP input norm
+    applied to it (or to resid_pre under the parallel residual; OLMo2: the stream itself); and the MLP
+    applied to ln2.hook_normalized (then the post-norm, where there is one) gives hook_mlp_out."""
+    fam, model = family_model
+    sm = SiteMap(model)
+    x = torch.randint(3, 128, (2, 8))
+    acts = _all_acts(model, x)
+    for layer in range(sm.n_layers):
+        pre = acts[f"blocks.{layer}.hook_resid_pre"]
+        normed = acts[f"blocks.{layer}.ln2.hook_normalized"]
+        if sm.parallel_mlp:
+            assert f"blocks.{layer}.hook_resid_mid" not in acts
+            stream = pre
+        else:
+            stream = acts[f"blocks.{layer}.hook_resid_mid"]
+            torch.testing.assert_close(stream, pre + acts[f"blocks.{layer}.hook_attn_out"], rtol=1e-5, atol=1e-5)
+        norm = sm.mlp_norm(layer)
+        expect = norm(stream) if norm is not None else stream
+        torch.testing.assert_close(normed, expect, rtol=1e-5, atol=1e-5)
+        if fam == "olmo2":
+            assert norm is None and torch.equal(normed, stream)
+        out = sm.blocks[layer].mlp(normed)
+        if fam in POSTNORM_FAMILIES:
+            out = sm.blocks[layer].post_feedforward_layernorm(out)
+        torch.testing.assert_close(out, acts[f"blocks.{layer}.hook_mlp_out"], rtol=1e-5, atol=1e-5)
+    if sm.parallel_mlp:
+        with pytest.raises(FeatureLensError, match="parallel residual"):
+            sm.module(sm.parse("blocks.0.hook_resid_mid"))
+
+
 def test_mlp_post_feeds_down_projection(family_model: tuple[str, torch.nn.Module]) -> None:
     """mlp.hook_post pushed through the down projection gives the MLP's output (pre post-norm)."""
     fam, model = family_model
@@ -60,6 +91,8 @@ def test_mlp_post_feeds_down_projection(family_model: tuple[str, torch.nn.Module
 @pytest.mark.parametrize("kind", SITE_KINDS)
 def test_early_exit_bit_identical(family_model: tuple[str, torch.nn.Module], kind: str) -> None:
     _, model = family_model
+    if kind == "hook_resid_mid" and SiteMap(model).parallel_mlp:
+        pytest.skip("no resid_mid under the parallel residual (test_mlp_input_sites checks the refusal)")
     x = torch.randint(3, 128, (3, 9))
     site = f"blocks.1.{kind}"
     with ActivationCapture(model, [site], early_exit=True) as cap:
@@ -108,11 +141,11 @@ def test_multi_site_matches_single_site(family_model: tuple[str, torch.nn.Module
 def test_list_sites_covers_every_kind(family_model: tuple[str, torch.nn.Module]) -> None:
     _, model = family_model
     rows = list_sites(model)
-    assert len(rows) == 3 * len(SITE_KINDS)
+    assert len(rows) == 3 * (len(SITE_KINDS) - (1 if SiteMap(model).parallel_mlp else 0))
     assert ("blocks.2.mlp.hook_post", 96) in rows and ("blocks.0.hook_resid_pre", 64) in rows
 
 
-@pytest.mark.parametrize("bad", ["blocks.x.hook_resid_post", "blocks.1.hook_resid_mid", "resid_post", "blocks.1.attn.hook_z"])
+@pytest.mark.parametrize("bad", ["blocks.x.hook_resid_post", "blocks.1.hook_resid_middle", "resid_post", "blocks.1.attn.hook_z"])
 def test_unknown_site_is_one_line_error(bad: str) -> None:
     with pytest.raises(FeatureLensError) as e:
         parse_site(bad)

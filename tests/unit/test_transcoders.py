@@ -1,0 +1,162 @@
+"""Transcoders: dictionaries that read one site and reconstruct another (issue 15, first part).
+
+Scale folding keeps every architecture's outputs exact on raw activations, the skip path learns a
+linear map the sparse code alone cannot, paired store batches keep rows aligned, training resumes
+bit-identically, the saved folder round-trips, and the wrong kind of batch is a clear error."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from featurelens.activations.harvest import HarvestConfig, harvest
+from featurelens.errors import FeatureLensError, UsageError
+from featurelens.models.loading import LoadedModel
+from featurelens.saes import SAEConfig, get_architecture, load_sae
+from featurelens.saes.registry import architectures
+from featurelens.training import SAESpec, TrainConfig, Trainer, train_saes
+from featurelens.training.config import SAEMeta
+from featurelens.training.trainer import store_trainer
+from tests.conftest import random_contexts
+
+D = 16
+META = SAEMeta(hook_name="blocks.1.ln2.hook_normalized", target_hook_name="blocks.1.hook_mlp_out", hook_layer=1)
+
+
+def pairs(seed: int = 0, batch: int = 64, linear: float = 1.0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """x Gaussian; y = a sparse nonlinear code of x plus ``linear`` times a fixed linear map of x."""
+    m = torch.Generator().manual_seed(0)  # one fixed map; ``seed`` draws the data
+    enc = torch.randn(D, 24, generator=m)
+    dec = torch.randn(24, D, generator=m)
+    lin = torch.randn(D, D, generator=m) / D ** 0.5
+    g = torch.Generator().manual_seed(seed + 1)
+    while True:
+        x = torch.randn(batch, D, generator=g) * 3
+        y = torch.relu(x @ enc / D ** 0.5 - 1.5) @ dec + linear * (x @ lin)
+        yield x, y
+
+
+@pytest.mark.parametrize("arch", architectures())
+@pytest.mark.parametrize("skip", [False, True])
+def test_scale_folding_is_exact_for_every_architecture(arch: str, skip: bool) -> None:
+    cfg = SAEConfig(architecture=arch, d_in=D, d_sae=40, k=6, hook_name=META.hook_name,
+                    target_hook_name=META.target_hook_name, apply_b_dec_to_input=False, skip=skip)
+    sae = get_architecture(arch)(cfg)
+    sae.reset_parameters(torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    sae.eval()
+    x = torch.randn(30, D, generator=g) * 5
+    sx, sy = 0.37, 2.9
+    trained = sae(x * sx).x_hat / sy  # what training produced, in raw target units
+    feats = sae.encode(x * sx)
+    sae.fold_input_scale(sx, sy)
+    torch.testing.assert_close(sae.reconstruct(x), trained, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sae.encode(x), feats, rtol=1e-4, atol=1e-4)
+    if arch not in ("batchtopk", "matryoshka"):  # those pick their top-k over the batch while training
+        torch.testing.assert_close(sae.reconstruct(x), sae(x).x_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_skip_path_learns_the_linear_part(tmp_path: Path) -> None:
+    cfg = dict(steps=300, batch_size=64, warmup_steps=10, log_every=50, dead_tokens=10_000)
+    specs = [SAESpec(arch="topk", width=24, k=3), SAESpec(arch="topk", width=24, k=3, skip=True)]
+    tr = Trainer(specs, TrainConfig(out=str(tmp_path), **cfg), d_in=D, meta=META)  # type: ignore[arg-type]
+    plain, skip = tr.train(pairs(linear=2.0), progress=False)
+    fvu = [r.log[-1]["fvu"] for r in tr.runs]
+    assert fvu[1] < 0.5 * fvu[0], fvu  # the linear part is what a k=3 code cannot carry
+    x, y = next(pairs(seed=9, batch=2000, linear=2.0))
+    err = lambda s: float((s.reconstruct(x) - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())  # noqa: E731
+    assert err(skip) < 0.5 * err(plain)
+    assert err(skip) == pytest.approx(fvu[1], rel=0.5)  # the saved (scale-folded) model is the trained one
+    assert float(skip.W_skip.abs().max()) > 0 and not plain.cfg.skip
+
+
+def test_resume_after_kill_gives_identical_transcoders(tmp_path: Path) -> None:
+    class Killed(Exception):
+        pass
+
+    def killing(it: Iterator[tuple[torch.Tensor, torch.Tensor]], at: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i, b in enumerate(it):
+            if i == at:
+                raise Killed
+            yield b
+
+    specs = [SAESpec(arch="topk", width=32, k=4, skip=True), SAESpec(arch="jumprelu", width=32)]
+    cfg = dict(steps=20, batch_size=64, checkpoint_every=6, warmup_steps=3, dead_tokens=640, log_every=5)
+    ref = train_saes(specs, pairs(), TrainConfig(out=str(tmp_path / "ref"), **cfg), d_in=D, meta=META, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(Killed):
+        train_saes(specs, killing(pairs(), 14), TrainConfig(out=str(tmp_path / "k"), **cfg), d_in=D, meta=META,  # type: ignore[arg-type]
+                   progress=False)
+    again = train_saes(specs, pairs(), TrainConfig(out=str(tmp_path / "k"), **cfg), d_in=D, meta=META, progress=False)  # type: ignore[arg-type]
+    for a, b in zip(ref, again):
+        for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(p, q), n
+    loaded = load_sae(tmp_path / "k" / "topk-w32-k4-skip")
+    assert loaded.cfg.is_transcoder and loaded.cfg.skip and loaded.cfg.target_hook_name == META.target_hook_name
+    x, _ = next(pairs(seed=3))
+    assert torch.equal(loaded.reconstruct(x), again[0].reconstruct(x))
+    import json
+
+    cfg_json = json.loads((tmp_path / "k" / "topk-w32-k4-skip" / "cfg.json").read_text())
+    assert cfg_json["hook_name"] == META.hook_name and cfg_json["hook_name_out"] == META.target_hook_name
+
+
+def test_wrong_batches_and_settings_are_clear_errors(tmp_path: Path) -> None:
+    tc = Trainer([SAESpec(arch="topk", width=32, k=4)], TrainConfig(steps=2, batch_size=64, out=str(tmp_path / "a")),
+                 d_in=D, meta=META)
+    with pytest.raises(FeatureLensError, match="needs paired batches"):
+        tc.train((x for x, _ in pairs()), progress=False)
+    sae = Trainer([SAESpec(arch="topk", width=32, k=4)], TrainConfig(steps=2, batch_size=64, out=str(tmp_path / "b")),
+                  d_in=D)
+    with pytest.raises(FeatureLensError, match="paired batches were given to an SAE"):
+        sae.train(pairs(), progress=False)
+    with pytest.raises(UsageError, match="resample"):
+        Trainer([SAESpec(arch="topk", width=32, k=4)], TrainConfig(resample_every=5, out=str(tmp_path / "c")), d_in=D,
+                meta=META)
+    with pytest.raises(UsageError, match="skip is for transcoders"):
+        Trainer([SAESpec(arch="topk", width=32, k=4, skip=True)], TrainConfig(out=str(tmp_path / "d")), d_in=D)
+    with pytest.raises(UsageError, match="b_dec"):
+        get_architecture("topk")(SAEConfig(architecture="topk", d_in=D, d_sae=8, k=2, hook_name="a", target_hook_name="b"))
+
+
+def test_store_pairs_rows_of_the_same_tokens(tmp_path: Path, tiny_llama: LoadedModel) -> None:
+    a, b = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+    store = harvest(HarvestConfig(model="tiny", sites=f"{a},{b}", tokens=300, out=str(tmp_path / "s"), batch_size=8,
+                                  shard_tokens=64, device="cpu"), model=tiny_llama, contexts=random_contexts(n_ctx=30),
+                    progress=False)
+    xs, ys = store.load(a).numpy(), store.load(b).numpy()
+    where = {xs[i].tobytes(): i for i in range(len(xs))}
+    seen = 0
+    for x, y in store.batches(a, batch_size=32, seed=3, target_site=b, buffer_tokens=128):
+        for xr, yr in zip(x.numpy(), y.numpy()):
+            i = where[xr.tobytes()]
+            assert np.array_equal(ys[i], yr)
+            seen += 1
+    assert seen >= 0.8 * len(xs)
+    trainer, batches = store_trainer(store, a, [SAESpec(arch="topk", width=32, k=4, skip=True)],
+                                     TrainConfig(steps=30, batch_size=32, warmup_steps=2, out=str(tmp_path / "t")),
+                                     target_site=b)
+    (tc,) = trainer.train(batches, progress=False)
+    assert tc.cfg.hook_name == a and tc.cfg.target_hook_name == b and tc.cfg.hook_layer == 1
+    # the transcoder predicts the MLP's output from its input better than predicting the mean
+    fvu = float((tc.reconstruct(torch.as_tensor(xs)) - torch.as_tensor(ys)).pow(2).sum()
+                / (torch.as_tensor(ys) - torch.as_tensor(ys).mean(0)).pow(2).sum())
+    assert fvu < 0.9
+
+
+def test_eval_refuses_a_transcoder_clearly(tmp_path: Path, tiny_llama: LoadedModel) -> None:
+    from featurelens.evaluation.run import EvalConfig, evaluate
+
+    cfg = SAEConfig(architecture="topk", d_in=D, d_sae=8, k=2, hook_name=META.hook_name,
+                    target_hook_name=META.target_hook_name, apply_b_dec_to_input=False)
+    path = get_architecture("topk")(cfg).save(tmp_path / "tc")
+    with pytest.raises(UsageError, match="is a transcoder"):
+        evaluate(EvalConfig(out=str(tmp_path / "ev"), device="cpu"), sae_paths=[str(path)], model=tiny_llama,
+                 progress=False)
+    assert not (tmp_path / "ev").exists()
