@@ -15,3 +15,9 @@ PIP=(.bench-venv/bin/python -m pip --disable-pip-version-check --quiet)
 HPIP=(.heretic-venv/bin/python -m pip --disable-pip-version-check --quiet)
 "${HPIP[@]}" install -c constraints.txt torch==2.13.0
 "${HPIP[@]}" install -c constraints.txt heretic-llm==1.4.0
+# circuit-tracer (transcoder-format oracle) pins transformers <= 4.57.3 and its nnsight backend needs nnsight 0.7.0.
+[ -x .ct-venv/bin/python ] || python3 -m venv .ct-venv
+CPIP=(.ct-venv/bin/python -m pip --disable-pip-version-check --quiet)
+"${CPIP[@]}" install -c constraints.txt torch==2.13.0
+"${CPIP[@]}" install -c constraints.txt circuit-tracer==0.5.0 nnsight==0.7.0 pytest
+"${CPIP[@]}" install --no-deps -e .

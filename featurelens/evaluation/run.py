@@ -93,11 +93,18 @@ def _evaluate(cfg: EvalConfig, sae_paths: list[str] | None, saes: list[SAE] | No
         saes = [load_sae(p) for p in sae_paths]
         names = names or [Path(p).name for p in sae_paths]
     names = names or [f"sae{i}" for i in range(len(saes))]
-    tcs = [n for n, s in zip(names, saes) if s.cfg.is_transcoder]
-    if tcs:
-        raise UsageError(f"{', '.join(tcs)} is a transcoder (it reads {saes[names.index(tcs[0])].cfg.hook_name} and "
-                         "writes another site): `featurelens eval` measures SAEs; its training log holds the target "
-                         "FVU, and transcoder evaluation (replacement model) is not built yet")
+    tcs = [s.cfg.is_transcoder for s in saes]
+    if any(tcs):
+        if not all(tcs):
+            raise UsageError("SAEs and transcoders were given together: evaluate them separately")
+        from featurelens.evaluation.replacement import evaluate_transcoders
+        from featurelens.outputs import make_out
+
+        lm = model or load_model(cfg.model, device=cfg.device)
+        ctx = pack_contexts(iter_texts(cfg.corpus, cfg.split), lm.tokenizer, cfg.context_length, n_tokens=cfg.tokens,
+                            source_name=f"text source {cfg.corpus!r}")
+        return evaluate_transcoders(cfg, saes, names, lm, _batches(ctx, cfg.batch_size, lm.device),
+                                    make_out(cfg.out, "eval-report"), progress, n_tokens=int(ctx.keep.sum()))
     sites = {cfg.site} if cfg.site else {s.cfg.hook_name for s in saes}
     if len(sites) != 1 or not next(iter(sites)):
         raise UsageError(f"SAEs read different or unknown sites {sorted(sites)}: pass --site or evaluate them separately")

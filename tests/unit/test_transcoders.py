@@ -17,6 +17,7 @@ from featurelens.activations.harvest import HarvestConfig, harvest
 from featurelens.errors import FeatureLensError, UsageError
 from featurelens.models.loading import LoadedModel
 from featurelens.saes import SAEConfig, get_architecture, load_sae
+from featurelens.saes.base import SAE
 from featurelens.saes.registry import architectures
 from featurelens.training import SAESpec, TrainConfig, Trainer, train_saes
 from featurelens.training.config import SAEMeta
@@ -150,13 +151,111 @@ def test_store_pairs_rows_of_the_same_tokens(tmp_path: Path, tiny_llama: LoadedM
     assert fvu < 0.9
 
 
-def test_eval_refuses_a_transcoder_clearly(tmp_path: Path, tiny_llama: LoadedModel) -> None:
+def _constant_tc(layer: int, b: torch.Tensor) -> SAE:
+    cfg = SAEConfig(architecture="topk", d_in=b.numel(), d_sae=8, k=2, hook_name=f"blocks.{layer}.ln2.hook_normalized",
+                    target_hook_name=f"blocks.{layer}.hook_mlp_out", apply_b_dec_to_input=False)
+    tc = get_architecture("topk")(cfg)
+    with torch.no_grad():
+        tc.W_dec.zero_()
+        tc.b_dec.copy_(b)
+    return tc.eval()
+
+
+def test_replacement_model_equals_the_weight_edit() -> None:
+    """Oracle: transcoders that output a constant ``b`` at blocks 0 and 1 of GPT-2 give the same logits as
+    the weight edit ``c_proj.weight = 0, c_proj.bias = b`` (the MLP then writes exactly ``b``); so the hooks
+    replace what they should, in the same pass, and leave nothing behind."""
+    import copy
+
+    from featurelens.evaluation.replacement import replace_with_transcoders, transcoder_metrics
+    from featurelens.testing import tiny_model
+
+    model = tiny_model("gpt2", seed=2)
+    d = model.config.n_embd
+    g = torch.Generator().manual_seed(0)
+    bs = {0: torch.randn(d, generator=g), 1: torch.randn(d, generator=g)}
+    tcs = [_constant_tc(la, b) for la, b in bs.items()]
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        for la, b in bs.items():
+            edited.transformer.h[la].mlp.c_proj.weight.zero_()
+            edited.transformer.h[la].mlp.c_proj.bias.copy_(b)
+    ids = torch.randint(3, 128, (3, 12), generator=g)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        with replace_with_transcoders(model, tcs):
+            replaced = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+        want = edited(input_ids=ids).logits
+    torch.testing.assert_close(replaced, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(before, after) and not torch.allclose(before, replaced)
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    m = transcoder_metrics(model, tcs, [(ids, keep)])
+    lp = torch.log_softmax(want[:, :-1], -1)
+    ce = float(-lp.gather(-1, ids[:, 1:, None]).mean())
+    assert m["ce_replacement"] == pytest.approx(ce, rel=1e-5)
+    # a constant prediction equal to the targets' mean has FVU exactly 1
+    from featurelens.models.hooks import ActivationCapture
+
+    with ActivationCapture(model, ["blocks.0.hook_mlp_out"]) as cap:
+        y = cap.forward(ids)["blocks.0.hook_mlp_out"].reshape(-1, d)
+    m2 = transcoder_metrics(model, [_constant_tc(0, y.mean(0))], [(ids, keep)])
+    assert m2["fvu"][0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_eval_runs_transcoders_and_refuses_a_mix(tmp_path: Path, tiny_llama: LoadedModel) -> None:
     from featurelens.evaluation.run import EvalConfig, evaluate
 
-    cfg = SAEConfig(architecture="topk", d_in=D, d_sae=8, k=2, hook_name=META.hook_name,
-                    target_hook_name=META.target_hook_name, apply_b_dec_to_input=False)
-    path = get_architecture("topk")(cfg).save(tmp_path / "tc")
-    with pytest.raises(UsageError, match="is a transcoder"):
-        evaluate(EvalConfig(out=str(tmp_path / "ev"), device="cpu"), sae_paths=[str(path)], model=tiny_llama,
-                 progress=False)
-    assert not (tmp_path / "ev").exists()
+    d = tiny_llama.model.config.hidden_size
+    tc = _constant_tc(1, torch.zeros(d))
+    path = tc.save(tmp_path / "tc")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("".join(chr(33 + (i * 13) % 90) for i in range(2000)))
+    res = evaluate(EvalConfig(out=str(tmp_path / "ev"), device="cpu", corpus=str(tmp_path / "c"), split="all",
+                              tokens=200, context_length=32), sae_paths=[str(path)], model=tiny_llama, progress=False)
+    rep = res[0]["replacement"]
+    assert res[0]["target_site"] == "blocks.1.hook_mlp_out"
+    assert rep["delta_ce"] == pytest.approx(rep["ce_replacement"] - rep["ce_clean"], abs=1e-9)
+    assert res[0]["fvu"] >= 1 - 1e-6  # predicting zero: the error is the raw second moment, at least the variance
+    assert (tmp_path / "ev" / "metrics.json").is_file()
+    sae = get_architecture("topk")(SAEConfig(architecture="topk", d_in=d, d_sae=8, k=2, hook_name="blocks.1.hook_resid_post"))
+    sae_path = sae.save(tmp_path / "sae")
+    with pytest.raises(UsageError, match="separately"):
+        evaluate(EvalConfig(out=str(tmp_path / "ev2"), device="cpu"), sae_paths=[str(path), str(sae_path)],
+                 model=tiny_llama, progress=False)
+
+
+def test_circuit_tracer_layout_round_trip_and_refusals(tmp_path: Path) -> None:
+    from featurelens.saes.circuit_tracer import load_circuit_tracer, save_circuit_tracer
+
+    def tc(arch: str, layer: int, skip: bool = True) -> SAE:
+        cfg = SAEConfig(architecture=arch, d_in=D, d_sae=20, k=3, hook_name=f"blocks.{layer}.ln2.hook_normalized",
+                        target_hook_name=f"blocks.{layer}.hook_mlp_out", hook_layer=layer, apply_b_dec_to_input=False,
+                        skip=skip)
+        s = get_architecture(arch)(cfg)
+        with torch.no_grad():
+            for p in s.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(layer)))
+        return s.eval()
+
+    ours = [tc("jumprelu", 0), tc("jumprelu", 1)]
+    path = save_circuit_tracer(ours, tmp_path / "set")
+    assert sorted(f.name for f in path.glob("layer_*.safetensors")) == ["layer_0.safetensors", "layer_1.safetensors"]
+    back = load_circuit_tracer(path)
+    x = torch.randn(30, D) * 2
+    for a, b in zip(ours, back):
+        assert b.cfg.hook_name == a.cfg.hook_name and b.cfg.skip
+        torch.testing.assert_close(b.reconstruct(x), a.reconstruct(x))
+    # a folder without our cfg.json files (as circuit-tracer writes them) loads as JumpReLU transcoders
+    for f in path.glob("layer_*.cfg.json"):
+        f.unlink()
+    for a, b in zip(ours, load_circuit_tracer(path)):
+        torch.testing.assert_close(b.reconstruct(x), a.reconstruct(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(UsageError, match="no equivalent"):
+        save_circuit_tracer([tc("topk", 0)], tmp_path / "t")
+    with pytest.raises(UsageError, match="every block 0 .. N-1"):
+        save_circuit_tracer([tc("relu", 1)], tmp_path / "u")
+    sae = get_architecture("relu")(SAEConfig(architecture="relu", d_in=D, d_sae=8, hook_name="blocks.0.hook_resid_post"))
+    with pytest.raises(UsageError, match="not a transcoder"):
+        save_circuit_tracer([sae], tmp_path / "v")
+    assert not any((tmp_path / n).exists() for n in ("t", "u", "v"))
