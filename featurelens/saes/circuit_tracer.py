@@ -44,9 +44,11 @@ def _tensors(tc: SAE) -> dict[str, Tensor]:
     if tc.cfg.skip:
         t["W_skip"] = tc.W_skip.detach().t().contiguous().float()
     if tc.architecture == "jumprelu":
-        t["activation_function.threshold"] = tc.threshold.detach().contiguous().float()  # type: ignore[attr-defined]
+        thr_j: Tensor = getattr(tc, "threshold")  # noqa: B009 - a property of the JumpReLU class
+        t["activation_function.threshold"] = thr_j.detach().contiguous().float()
     elif tc.architecture in ("batchtopk", "matryoshka"):
-        thr = tc.threshold.detach().float().clamp_min(0.0)  # type: ignore[attr-defined]
+        thr_b: Tensor = getattr(tc, "threshold")  # noqa: B009 - BatchTopK's learned inference threshold
+        thr = thr_b.detach().float().clamp_min(0.0)
         t["activation_function.threshold"] = thr.expand(tc.cfg.d_sae).contiguous()
     return t
 
