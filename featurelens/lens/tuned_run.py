@@ -248,6 +248,11 @@ def train_lens(cfg: LensTrainConfig, lm: LoadedModel | None = None, progress: bo
         if cfg.eval_tokens:
             summary["eval"] = evaluate_lenses(lm, lens, _contexts(lm, cfg, "test", cfg.eval_tokens), cfg.micro_batch)
             info["eval"] = summary["eval"]
+            ev = summary["eval"]
+            worse = [r for r, t, g in zip(ev["rows"], ev["kl_tuned"], ev["kl_logit"]) if not t < g]
+            if worse:
+                print(f"note: the tuned lens is no better than the logit lens at {', '.join(worse)} on held-out text: "
+                      f"lower --lr (Gemma-3 needs 0.2) or train longer (--steps, --tokens-per-step)", file=sys.stderr)
         lens.save(out / "lens")
         from featurelens.atomic import atomic_write_bytes
         from featurelens.evaluation.report import write_page
