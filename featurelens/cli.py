@@ -114,6 +114,9 @@ class TrainSource:
     --target-site blocks.6.hook_mlp_out); empty: SAEs of --site."""
     skip: bool = False
     """Transcoders: add a linear skip path from input to output (skip transcoders, Paulo et al. 2025)."""
+    layers: str = ""
+    """Transcoders for several blocks from one model pass ('all' or 0,3,7; streaming only): --site and
+    --target-site are then site kinds (ln2.hook_normalized, hook_mlp_out); block L goes to --out/L{L}."""
 
 
 def _grid(src: TrainSource) -> list:
@@ -148,6 +151,8 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     src = dataclass_from_args(TrainSource, ns)
     cfg = dataclass_from_args(TrainConfig, ns)
     specs = _grid(src)
+    if src.layers:
+        return _train_layer_set(src, cfg, specs)
     if src.acts:
         store = ActivationStore(src.acts)
         site = store.resolve_site(src.site or None)  # a multi-site store needs --site
@@ -185,6 +190,41 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         last = r.log[-1] if r.log else {}
         print(json.dumps({"sae": str(trainer.out / r.name), "fvu": last.get("fvu"), "l0": last.get("l0"),
                           "dead_frac": last.get("dead_frac")}))
+    return 0
+
+
+def _train_layer_set(src: TrainSource, cfg: Any, specs: list) -> int:
+    from featurelens.activations.stream import stream_batches
+    from featurelens.data.corpora import iter_texts
+    from featurelens.data.tokenize import pack_contexts
+    from featurelens.distributed import rank_and_world
+    from featurelens.models.loading import load_model
+    from featurelens.models.sites import SiteMap
+    from featurelens.training.together import layer_set_trainers, parse_layers, train_together
+
+    if src.acts or not (src.model and src.site and src.target_site):
+        raise UsageError("--layers streams from a model: give --model M, --site KIND and --target-site KIND "
+                         "(e.g. ln2.hook_normalized and hook_mlp_out), not --acts")
+    if src.site.startswith("blocks.") or src.target_site.startswith("blocks."):
+        raise UsageError("with --layers, --site and --target-site are site kinds without the block "
+                         "(ln2.hook_normalized, hook_mlp_out)")
+    rank, world = rank_and_world()
+    if world > 1:
+        raise UsageError("--layers does not run under torchrun yet: run it in one process")
+    lm = load_model(src.model, device=cfg.device)
+    layers = parse_layers(src.layers, SiteMap(lm.model).n_layers)
+    contexts = pack_contexts(iter_texts(src.corpus, "train"), lm.tokenizer, src.context_length,
+                             source_name=f"text source {src.corpus!r}")
+    trainers, pairs = layer_set_trainers(lm, layers, src.site, src.target_site, specs, cfg, contexts,
+                                         src.context_length)
+    batches = stream_batches(lm, "", cfg.batch_size, contexts=contexts, seed=cfg.seed, pairs=pairs,
+                             buffer_rows=max(2 * cfg.batch_size, (1 << 16) // len(pairs)))
+    train_together(trainers, batches)
+    for t in trainers:
+        for r in t.runs:
+            last = r.log[-1] if r.log else {}
+            print(json.dumps({"transcoder": str(t.out / r.name), "fvu": last.get("fvu"), "l0": last.get("l0"),
+                              "dead_frac": last.get("dead_frac")}))
     return 0
 
 

@@ -11,7 +11,7 @@ and none is seen twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,9 +39,12 @@ def stream_batches(
     rank: int = 0,
     world_size: int = 1,
     target_site: str | None = None,
+    pairs: Sequence[tuple[str, str]] | None = None,
 ) -> Iterator[Any]:
     """Yield shuffled ``[batch_size, d]`` float32 batches of ``site`` activations (BOS/pad excluded);
-    with ``target_site``, pairs ``(site rows, the same tokens' target_site rows)`` (a transcoder's).
+    with ``target_site``, pairs ``(site rows, the same tokens' target_site rows)`` (a transcoder's); with
+    ``pairs`` (``site`` is then ignored), a list with one such pair per ``(input, target)`` entry, all from
+    the same tokens and one model pass (a transcoder per layer).
 
     ``batch_size`` is this rank's share of the global batch; ``rank``/``world_size`` split the contexts
     between data-parallel processes (see the module docstring)."""
@@ -54,14 +57,20 @@ def stream_batches(
     n = tokens.shape[0]
     buf: list[torch.Tensor] = []
     held = 0
-    sites = [site] + ([target_site] if target_site else [])
-
-    d0 = SiteMap(model.model).dim(parse_site(site))
+    if pairs:
+        sites = [s for pair in pairs for s in pair]
+    else:
+        sites = [site] + ([target_site] if target_site else [])
+    sm = SiteMap(model.model)
+    widths = [sm.dim(parse_site(s)) for s in sites]
+    bounds = np.cumsum([0] + widths).tolist()
 
     def emit(rows: torch.Tensor) -> Any:
-        if not target_site:
+        if len(sites) == 1:
             return rows
-        return rows[:, :d0].contiguous(), rows[:, d0:].contiguous()
+        parts = [rows[:, bounds[i]:bounds[i + 1]].contiguous() for i in range(len(sites))]
+        grouped = [(parts[2 * i], parts[2 * i + 1]) for i in range(len(sites) // 2)]
+        return grouped if pairs else grouped[0]
     with ActivationCapture(model.model, sites) as cap:
         for epoch in range(epochs):
             rng = np.random.default_rng([seed, epoch])
@@ -73,7 +82,7 @@ def stream_batches(
                 sel = order[b0 : b0 + contexts_per_forward]
                 ids = torch.from_numpy(tokens[sel].astype(np.int64)).to(model.device)
                 got = cap.forward(ids)
-                acts = torch.cat([got[s] for s in sites], dim=-1) if target_site else got[site]
+                acts = torch.cat([got[s] for s in sites], dim=-1) if len(sites) > 1 else got[site]
                 rows = acts[torch.from_numpy(keep[sel]).to(acts.device)].float().cpu()
                 buf.append(rows)
                 held += rows.shape[0]

@@ -178,8 +178,20 @@ class Trainer:
             return self._train(batches, progress)
 
     def _train(self, batches: Iterable[Any], progress: bool) -> list[SAE]:
+        stream = self._begin(iter(batches), progress)
+        while self.step < self.cfg.steps:
+            batch = next(stream, None)
+            if batch is None:
+                raise UsageError(f"the activation stream ran out at step {self.step} of {self.cfg.steps}: "
+                                 "harvest more tokens, lower --steps, or train for more epochs")
+            self._advance(batch)
+        return self._end()
+
+    def _begin(self, it: Iterator[Any], progress: bool, replay: bool = True) -> Iterator[Any]:
+        """Resume from the latest checkpoint (replaying the stream to its step unless ``replay`` is off: the
+        caller has skipped those batches) or estimate the scales and initialise from the first batches;
+        returns the stream to train on."""
         cfg = self.cfg
-        it: Iterator[Any] = iter(batches)
         ckpt = self._latest()
         head: list[Any] = []
         if ckpt is not None:
@@ -187,7 +199,7 @@ class Trainer:
             if self.rank == 0:
                 for r in self.runs:  # the steps after the checkpoint will be logged again
                     _truncate_log(self.out / "logs" / f"{r.name}.jsonl", self.step)
-            for _ in range(self.step):  # replay the stream up to where the checkpoint was taken
+            for _ in range(self.step if replay else 0):  # replay the stream up to where the checkpoint was taken
                 if next(it, None) is None:
                     raise FeatureLensError("the batch stream ended before the checkpoint's step: is it the same data?")
         else:
@@ -206,39 +218,40 @@ class Trainer:
                 x0 = torch.cat([all_gather_rows(x.to(self.device, torch.float32), self.world) for x, _ in pairs]) * self.scale
             for r in self.runs:
                 r.sae.init_from_data(x0, r.spec.b_dec_init)
-        stream = _chain(head, it)
-        wandb_run = _maybe_wandb(cfg, self.runs) if self.rank == 0 else None
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not progress or self.rank != 0, file=sys.stderr)
-        t0, tok0 = time.perf_counter(), 0
-        while self.step < cfg.steps:
-            batch = next(stream, None)
-            if batch is None:
-                raise UsageError(f"the activation stream ran out at step {self.step} of {cfg.steps}: "
-                                       "harvest more tokens, lower --steps, or train for more epochs")
-            xb, yb = self._pair(batch)
-            x = xb.to(self.device, torch.float32, non_blocking=True) * self.scale
-            y = None if yb is None else yb.to(self.device, torch.float32, non_blocking=True) * float(self.target_scale or 1.0)
-            metrics = [self._step(r, x, y) for r in self.runs]
-            self.step += 1
-            tok0 += x.shape[0] * self.world
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                rate = tok0 / max(1e-9, time.perf_counter() - t0)
-                for r, m in zip(self.runs, metrics):
-                    self._log(r, m, rate, wandb_run)
-                first = self.runs[0].log[-1] if self.runs[0].log else {}
-                bar.set_postfix(fvu=f"{first.get('fvu', float('nan')):.3f}", l0=f"{first.get('l0', float('nan')):.1f}",
-                                dead=f"{first.get('dead_frac', 0):.2f}", tok_s=f"{rate:.0f}")
-            if cfg.resample_every and self.step % cfg.resample_every == 0 and self.step <= cfg.resample_until * cfg.steps:
-                gathered = all_gather_rows(x, self.world)
-                for r in self.runs:
-                    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
-                    resample_latents(r.sae, r.opt, r.stats, gathered, cfg.dead_tokens, cfg.resample_min_freq, gen)
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
-                self.save_checkpoint()
-                barrier(self.world)
-        bar.close()
+        self._wandb = _maybe_wandb(cfg, self.runs) if self.rank == 0 else None
+        self._bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.out.name}", unit="step",
+                         dynamic_ncols=True, disable=not progress or self.rank != 0, file=sys.stderr)
+        self._t0, self._tok0 = time.perf_counter(), 0
+        return _chain(head, it)
+
+    def _advance(self, batch: Any) -> None:
+        """One training step of every run on ``batch``, with logging, resampling and checkpoints."""
+        cfg = self.cfg
+        xb, yb = self._pair(batch)
+        x = xb.to(self.device, torch.float32, non_blocking=True) * self.scale
+        y = None if yb is None else yb.to(self.device, torch.float32, non_blocking=True) * float(self.target_scale or 1.0)
+        metrics = [self._step(r, x, y) for r in self.runs]
+        self.step += 1
+        self._tok0 += x.shape[0] * self.world
+        self._bar.update(1)
+        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            rate = self._tok0 / max(1e-9, time.perf_counter() - self._t0)
+            for r, m in zip(self.runs, metrics):
+                self._log(r, m, rate, self._wandb)
+            first = self.runs[0].log[-1] if self.runs[0].log else {}
+            self._bar.set_postfix(fvu=f"{first.get('fvu', float('nan')):.3f}", l0=f"{first.get('l0', float('nan')):.1f}",
+                                  dead=f"{first.get('dead_frac', 0):.2f}", tok_s=f"{rate:.0f}")
+        if cfg.resample_every and self.step % cfg.resample_every == 0 and self.step <= cfg.resample_until * cfg.steps:
+            gathered = all_gather_rows(x, self.world)
+            for r in self.runs:
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+                resample_latents(r.sae, r.opt, r.stats, gathered, cfg.dead_tokens, cfg.resample_min_freq, gen)
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+            self.save_checkpoint()
+            barrier(self.world)
+
+    def _end(self) -> list[SAE]:
+        self._bar.close()
         self.save_checkpoint()
         return self.finish()
 

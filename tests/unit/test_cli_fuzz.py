@@ -172,6 +172,10 @@ CASES: list[tuple[list[str], int, str, str | None]] = [
     (["refusal", "--method", "mine"], 2, "invalid choice", None),
     # numbers out of range
     (["train", "--acts", "store", "--steps", "0"], 2, "--steps", None),
+    (["train", "--layers", "all", "--acts", "store", "--site", "ln2.hook_normalized", "--target-site", "hook_mlp_out"],
+     2, "streams from a model", None),
+    (["train", "--layers", "all", "--model", "m", "--site", "blocks.1.ln2.hook_normalized", "--target-site",
+      "hook_mlp_out"], 2, "site kinds", None),
     (["train", "--acts", "store", "--steps", "-5"], 2, "--steps", None),
     (["train", "--acts", "store", "--width", "0"], 2, "--width", None),
     (["train", "--acts", "store", "--width", "-3"], 2, "--width", None),

@@ -259,3 +259,64 @@ def test_circuit_tracer_layout_round_trip_and_refusals(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="not a transcoder"):
         save_circuit_tracer([sae], tmp_path / "v")
     assert not any((tmp_path / n).exists() for n in ("t", "u", "v"))
+
+
+def test_train_together_equals_separate_runs_and_resumes(tmp_path: Path) -> None:
+    from featurelens.training.together import train_together
+
+    class Killed(Exception):
+        pass
+
+    def both(kill_at: int | None = None) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        for i, (a, b) in enumerate(zip(pairs(seed=0), pairs(seed=1, linear=0.3))):
+            if i == kill_at:
+                raise Killed
+            yield [a, b]
+
+    specs = [SAESpec(arch="topk", width=32, k=4, skip=True)]
+    cfg = dict(steps=18, batch_size=64, checkpoint_every=5, warmup_steps=3, dead_tokens=640, log_every=5)
+
+    def trainers(root: Path) -> list[Trainer]:
+        return [Trainer(specs, TrainConfig(out=str(root / f"L{i}"), **cfg), d_in=D, meta=META) for i in range(2)]  # type: ignore[arg-type]
+    together = train_together(trainers(tmp_path / "t"), both(), progress=False)
+    alone = [trainers(tmp_path / "a")[i].train(pairs(seed=i, linear=1.0 if i == 0 else 0.3), progress=False)
+             for i in range(2)]
+    for a, b in zip(together, alone):
+        for (n, p), (_, q) in zip(a[0].state_dict().items(), b[0].state_dict().items()):
+            assert torch.equal(p, q), n
+    with pytest.raises(Killed):
+        train_together(trainers(tmp_path / "k"), both(kill_at=13), progress=False)
+    again = train_together(trainers(tmp_path / "k"), both(), progress=False)
+    for a, b in zip(together, again):
+        for (n, p), (_, q) in zip(a[0].state_dict().items(), b[0].state_dict().items()):
+            assert torch.equal(p, q), n
+    # one run's checkpoints gone: they cannot resume together
+    with pytest.raises(Killed):
+        train_together(trainers(tmp_path / "m"), both(kill_at=13), progress=False)
+    (tmp_path / "m" / "L1" / "latest.json").unlink()
+    with pytest.raises(UsageError, match="cannot resume together"):
+        train_together(trainers(tmp_path / "m"), both(), progress=False)
+
+
+def test_layer_set_stream_pairs_each_mlp_input_with_its_output(tiny_llama: LoadedModel, tmp_path: Path) -> None:
+    """Every pair the one-pass stream yields satisfies mlp_L(x) = y for its own block: rows aligned, sites right."""
+    from featurelens.activations.stream import stream_batches
+    from featurelens.training.together import layer_set_trainers, train_together
+
+    model = tiny_llama.model
+    ctx = random_contexts(n_ctx=24, ctx_len=16)
+    trainers, pairs_ = layer_set_trainers(tiny_llama, [0, 1, 2], "ln2.hook_normalized", "hook_mlp_out",
+                                          [SAESpec(arch="topk", width=32, k=4, skip=True)],
+                                          TrainConfig(steps=6, batch_size=32, warmup_steps=1, out=str(tmp_path / "set")),
+                                          ctx, 16)
+    stream = stream_batches(tiny_llama, "", 32, contexts=ctx, pairs=pairs_, buffer_rows=64)
+    item = next(stream)
+    assert len(item) == 3
+    with torch.no_grad():
+        for layer, (x, y) in enumerate(item):
+            torch.testing.assert_close(model.model.layers[layer].mlp(x), y, rtol=1e-5, atol=1e-5)
+    out = train_together(trainers, stream_batches(tiny_llama, "", 32, contexts=ctx, pairs=pairs_, buffer_rows=64),
+                         progress=False)
+    for layer, (tcs, t) in enumerate(zip(out, trainers)):
+        assert tcs[0].cfg.hook_name == f"blocks.{layer}.ln2.hook_normalized"
+        assert (tmp_path / "set" / f"L{layer}" / "topk-w32-k4-skip" / "cfg.json").is_file() and t.step == 6
