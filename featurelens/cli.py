@@ -232,9 +232,13 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     from featurelens.evaluation.run import EvalConfig, evaluate
 
     results = evaluate(dataclass_from_args(EvalConfig, ns), sae_paths=ns.saes)
-    keys = ("name", "fvu", "l0", "dead_fraction", "ce_loss_recovered", "delta_lm_loss", "kl_div")
+    keys: tuple[str, ...] = ("name", "fvu", "l0", "dead_fraction", "ce_loss_recovered", "delta_lm_loss", "kl_div")
+    if "replacement" in results[0]:  # transcoders
+        keys = ("name", "site", "target_site", "fvu")
     for r in results:
         print(json.dumps({k: r.get(k) for k in keys}))
+    if "replacement" in results[0]:
+        print(json.dumps({"replacement_model": results[0]["replacement"]}))
     print(f"report: {results[0]['report']}")
     return 0
 

@@ -92,6 +92,8 @@ def _evaluate(cfg: EvalConfig, sae_paths: list[str] | None, saes: list[SAE] | No
             raise UsageError("no SAE given: pass one or more SAE folders")
         saes = [load_sae(p) for p in sae_paths]
         names = names or [Path(p).name for p in sae_paths]
+        if len(set(names)) < len(names):  # e.g. one run per layer, each holding topk-w1024-k32
+            names = [f"{Path(p).parent.name}/{Path(p).name}" for p in sae_paths]
     names = names or [f"sae{i}" for i in range(len(saes))]
     tcs = [s.cfg.is_transcoder for s in saes]
     if any(tcs):
