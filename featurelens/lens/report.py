@@ -80,7 +80,7 @@ def line_chart(x_labels: Sequence[str], series: dict[str, Sequence[float]], capt
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
     n = max(1, len(x_labels) - 1)
-    left, right, top, bottom = 48, 12, 12, 40
+    left, right, top, bottom = 66, 12, 12, 40
 
     def xy(i: int, v: float) -> tuple[float, float]:
         return (left + (width - left - right) * i / n, top + (height - top - bottom) * (1 - (tf(v) - lo) / (hi - lo)))

@@ -278,7 +278,7 @@ def _report(name: str, lens: TunedLens, summary: dict[str, Any], log: list[dict[
         body.append(line_chart(ev["rows"], {"logit lens": ev["perplexity_logit"], "tuned lens": ev["perplexity_tuned"]},
                                f"held-out next-token perplexity per row (the model's own: {ev['model_perplexity']:.1f})",
                                log_y=True))
-        cells = "".join(f"<tr><td>{html.escape(r)}</td><td>{a:.3f}</td><td>{b:.3f}</td><td>{c:.1f}</td><td>{d:.1f}</td></tr>"
+        cells = "".join(f"<tr><td>{html.escape(r)}</td><td>{a:.3f}</td><td>{b:.3f}</td><td>{c:.4g}</td><td>{d:.4g}</td></tr>"
                         for r, a, b, c, d in zip(ev["rows"], ev["kl_logit"], ev["kl_tuned"], ev["perplexity_logit"],
                                                  ev["perplexity_tuned"]))
         body.append("<table><tr><th>row</th><th>KL logit</th><th>KL tuned</th><th>ppl logit</th><th>ppl tuned</th></tr>"
