@@ -23,17 +23,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from featurelens.errors import UsageError
-from featurelens.models.hooks import ActivationCapture, replace_input_hook, replace_output_hook
-from featurelens.models.sites import Site, SiteMap
+from featurelens.models.hooks import ActivationCapture, rewrite_site
+from featurelens.models.sites import SiteMap
 from featurelens.saes.base import SAE
-
-
-def _hook(sm: SiteMap, site: Site, fn: Any) -> Any:
-    """Hook ``site``'s module so that its value passes through ``fn`` (which may record or replace it)."""
-    mod, where = sm.module(site)
-    if where == "pre":
-        return mod.register_forward_pre_hook(replace_input_hook(fn), with_kwargs=True)
-    return mod.register_forward_hook(replace_output_hook(fn))
 
 
 @contextlib.contextmanager
@@ -44,8 +36,7 @@ def replace_with_transcoders(model: nn.Module, transcoders: Sequence[SAE]) -> It
     targets = [t.cfg.target_hook_name for t in transcoders]
     if len(set(targets)) != len(targets):
         raise UsageError(f"two transcoders write the same site ({sorted(targets)}): give one per target site")
-    handles = []
-    try:
+    with contextlib.ExitStack() as stack:
         for tc in transcoders:
             src, dst = sm.parse(tc.cfg.hook_name), sm.parse(tc.cfg.target_hook_name)
             if src.order >= dst.order:
@@ -60,12 +51,9 @@ def replace_with_transcoders(model: nn.Module, transcoders: Sequence[SAE]) -> It
             def swap(y: Tensor, seen: dict[str, Tensor] = seen, tc: SAE = tc) -> Tensor:
                 x = seen.pop("x")
                 return tc.reconstruct(x.float()).to(y.dtype)
-            handles.append(_hook(sm, src, record))
-            handles.append(_hook(sm, dst, swap))
+            stack.enter_context(rewrite_site(model, src, record))
+            stack.enter_context(rewrite_site(model, dst, swap))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()
@@ -81,9 +69,9 @@ def transcoder_metrics(model: nn.Module, transcoders: Sequence[SAE], batches: An
     ce_clean = ce_rep = kl = 0.0
     n_ce = 0
     for ids, keep in batches:
-        with ActivationCapture(model, sites, early_exit=False) as cap:
+        with ActivationCapture(model, sites, early_exit=False) as cap:  # one clean pass: sites and logits
             acts = cap.forward(ids)
-        clean = model(input_ids=ids, use_cache=False).logits.float()
+            clean = cap.output.logits.float()
         for i, tc in enumerate(transcoders):
             x, y = acts[tc.cfg.hook_name][keep].float(), acts[tc.cfg.target_hook_name][keep].float()
             err[i] += float((tc.reconstruct(x) - y).pow(2).sum())

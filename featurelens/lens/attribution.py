@@ -84,7 +84,7 @@ class _Recorder:
 
 
 def _out_weight(sm: SiteMap, mod: nn.Module) -> Tensor:
-    """A writer's weight as ``[d_model, d_in]`` (GPT-2's Conv1D stores ``[d_in, d_model]``)."""
+    """A linear layer's weight as ``[out, in]`` (a writer's: ``[d_model, d_in]``; GPT-2's Conv1D stores ``[in, out]``)."""
     w: Tensor = mod.weight.detach().float()  # type: ignore[operator]
     return w.t() if sm.family.conv1d_writers else w
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from featurelens.lens.attribution import DirectEffects, _Recorder, direct_effects, record_modules
+from featurelens.lens.attribution import DirectEffects, _out_weight, _Recorder, direct_effects, record_modules
 from featurelens.lens.neurons import TokenNeuron
 from featurelens.lens.patching import ablate_heads
 from featurelens.models.hooks import ActivationCapture
@@ -34,8 +34,7 @@ from featurelens.models.sites import Site, SiteMap
 def _in_row(sm: SiteMap, layer: int, neuron: int) -> tuple[Tensor, float]:
     """Neuron ``neuron``'s input weights ``[d_model]`` and bias."""
     mod = sm.mlp_input(layer)
-    w = mod.weight.detach().float()  # type: ignore[operator]
-    row = w[:, neuron] if sm.family.conv1d_writers else w[neuron]
+    row = _out_weight(sm, mod)[neuron]  # [out, in] whatever the layer type (GPT-2's Conv1D stores [in, out])
     b = getattr(mod, "bias", None)
     return row, float(b[neuron]) if b is not None else 0.0
 

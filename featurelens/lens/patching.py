@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from featurelens.errors import UsageError
-from featurelens.models.hooks import ActivationCapture, replace_input_hook, replace_output_hook
+from featurelens.models.hooks import ActivationCapture, replace_input_hook, rewrite_site
 from featurelens.models.sites import Site, SiteMap
 
 Metric = Callable[[Tensor], Tensor]
@@ -49,22 +49,8 @@ def patch_site(model: nn.Module, site: str | Site, values: Tensor, positions: Se
         y[:, list(positions)] = v[:, list(positions)]
         return y
 
-    with _rewrite(model, site, swap):
+    with rewrite_site(model, site, swap):
         yield
-
-
-@contextlib.contextmanager
-def _rewrite(model: nn.Module, site: str | Site, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """Pass the activation at ``site`` through ``fn`` in every forward inside the block."""
-    sm = SiteMap(model)
-    s = site if isinstance(site, Site) else sm.parse(site)
-    mod, where = sm.module(s)
-    handle = (mod.register_forward_pre_hook(replace_input_hook(fn), with_kwargs=True) if where == "pre"
-              else mod.register_forward_hook(replace_output_hook(fn)))
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @dataclass(frozen=True)
@@ -108,7 +94,7 @@ def _patch_diagonal(model: nn.Module, site: Site, clean: Tensor, positions: Sequ
         y[rows, cols] = clean.to(x.device, x.dtype)[cols]
         return y
 
-    with _rewrite(model, site, swap):
+    with rewrite_site(model, site, swap):
         yield
 
 
@@ -152,7 +138,6 @@ def attribution_patching(model: nn.Module, clean_ids: Tensor, corrupt_ids: Tenso
         clean_acts = cap.forward(clean_ids)
         clean_m = float(metric(_run(model, clean_ids)))
     kept: dict[str, Tensor] = {}
-    handles = []
 
     def keep(name: str) -> Callable[[Tensor], Tensor]:
         def fn(x: Tensor) -> Tensor:
@@ -161,18 +146,13 @@ def attribution_patching(model: nn.Module, clean_ids: Tensor, corrupt_ids: Tenso
             return x
         return fn
 
-    try:
+    with contextlib.ExitStack() as stack:
         for s in sites:
-            mod, where = sm.module(s)
-            handles.append(mod.register_forward_pre_hook(replace_input_hook(keep(s.name)), with_kwargs=True)
-                           if where == "pre" else mod.register_forward_hook(replace_output_hook(keep(s.name))))
+            stack.enter_context(rewrite_site(model, s, keep(s.name)))
         with torch.enable_grad():
             emb = model.get_input_embeddings()(corrupt_ids).detach().requires_grad_(True)  # type: ignore[operator]
             m = metric(model(inputs_embeds=emb, use_cache=False).logits)
             m.backward()
-    finally:
-        for h in handles:
-            h.remove()
     scores = torch.empty(sm.n_layers, clean_ids.shape[1])
     for s in sites:
         x = kept[s.name]

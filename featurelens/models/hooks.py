@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -44,6 +45,21 @@ def replace_output_hook(fn: Any) -> Any:
     return hook
 
 
+@contextlib.contextmanager
+def rewrite_site(model: nn.Module, site: str | Site, fn: Any) -> Iterator[None]:
+    """Pass the activation at ``site`` through ``fn`` (which may record or replace it) in every forward
+    inside the block; the hook is removed in ``finally``."""
+    sm = SiteMap(model)
+    s = site if isinstance(site, Site) else sm.parse(site)
+    mod, where = sm.module(s)
+    handle = (mod.register_forward_pre_hook(replace_input_hook(fn), with_kwargs=True) if where == "pre"
+              else mod.register_forward_hook(replace_output_hook(fn)))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class ActivationCapture:
     """Context manager holding capture hooks for a set of sites; removes them in ``finally``.
 
@@ -63,6 +79,8 @@ class ActivationCapture:
         self.early_exit = early_exit
         self._handles: list[Any] = []
         self._acts: dict[str, torch.Tensor] = {}
+        self.output: Any = None
+        """The model's output of the last :meth:`forward` (None when it stopped early)."""
 
     def _make_hook(self, name: str, where: str) -> Any:
         acts = self._acts
@@ -120,8 +138,9 @@ class ActivationCapture:
 
         Extra keyword arguments (``position_ids`` for left-padded batches) go to the model."""
         self._acts.clear()
+        self.output = None
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+            self.output = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
         except _StopForward:
             pass
         missing = [s.name for s in self.sites if s.name not in self._acts]
