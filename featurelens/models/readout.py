@@ -70,15 +70,13 @@ class FrozenNorm:
 
     @staticmethod
     @torch.no_grad()
-    def fit(norm: nn.Module, x: Tensor, atol: float = 1e-4) -> FrozenNorm:
-        """Probe ``norm`` for gain, bias and centring, freeze ``sigma`` at input ``x [..., d]``, and check
-        that the affine form reproduces ``norm(x)``; an unsupported norm raises ``NotImplementedError``."""
-        x = x.float()
-        d = x.shape[-1]
-        dtype = next((p.dtype for p in norm.parameters()), x.dtype)
-        run = lambda v: norm(v.to(dtype)).float()  # noqa: E731
+    def probe(norm: nn.Module, d: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, bool]:
+        """Gain ``[d]``, bias ``[d]`` and whether it centres, read off ``norm`` by probing it (no input needed)."""
+        dtype = next((p.dtype for p in norm.parameters()), torch.float32)
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        run = lambda v: norm(v.to(dtype)).to(work)  # noqa: E731
         c = 100.0  # large, so the norm's epsilon is negligible in the probes
-        u = torch.full((d,), c, device=x.device)
+        u = torch.full((d,), c, device=device, dtype=work)
         u[1::2] = -c
         if d % 2:
             u[-1] = 0.0
@@ -86,23 +84,41 @@ class FrozenNorm:
         y_p, y_m = run(u), run(-u)
         bias = (y_p + y_m) / 2
         nz = u != 0
-        gain = torch.zeros(d, device=x.device)
+        gain = torch.zeros(d, device=device, dtype=work)
         gain[nz] = ((y_p - y_m) / 2 * s_u / u)[nz]
         if d % 2:  # the probe's zero element: read it from a second, shifted probe
             v = torch.roll(u, 1)
             y_v, y_w = run(v), run(-v)
             gain[~nz] = ((y_v - y_w) / 2 * s_u / v)[~nz]
-        ones = run(torch.full((d,), c, device=x.device))
+        ones = run(torch.full((d,), c, device=device, dtype=work))
         centered = bool(torch.allclose(ones, bias, atol=1e-3 * (1 + float(gain.abs().max()))))
-        y = run(x)
+        return gain, bias, centered
+
+    @staticmethod
+    @torch.no_grad()
+    def freeze(form: tuple[Tensor, Tensor, bool], x: Tensor, y: Tensor, name: str = "norm",
+               atol: float = 1e-4) -> FrozenNorm:
+        """Freeze ``sigma`` where the norm of form :meth:`probe` mapped ``x [..., d]`` to ``y``, checking that
+        the affine form reproduces ``y``; otherwise ``NotImplementedError`` naming ``name``."""
+        gain, bias, centered = form
+        x, y = x.to(gain.dtype), y.to(gain.dtype)
         a = gain * (x - x.mean(-1, keepdim=True) if centered else x)
         sigma = (a * a).sum(-1) / (a * (y - bias)).sum(-1).clamp_min(1e-30)
         fn = FrozenNorm(gain, bias, centered, sigma)
         err = float((fn(x) - y).abs().max()) if x.numel() else 0.0
         if err > atol * (1 + float(y.abs().max())):
-            raise NotImplementedError(f"{type(norm).__name__} is not an affine norm with frozen statistics "
+            raise NotImplementedError(f"{name} is not an affine norm with frozen statistics "
                                       f"(reconstruction error {err:.2e})")
         return fn
+
+    @staticmethod
+    @torch.no_grad()
+    def fit(norm: nn.Module, x: Tensor, atol: float = 1e-4) -> FrozenNorm:
+        """Probe ``norm`` for gain, bias and centring, freeze ``sigma`` at input ``x [..., d]``, and check
+        that the affine form reproduces ``norm(x)``; an unsupported norm raises ``NotImplementedError``."""
+        dtype = next((p.dtype for p in norm.parameters()), x.dtype)
+        form = FrozenNorm.probe(norm, x.shape[-1], x.device)
+        return FrozenNorm.freeze(form, x, norm(x.to(dtype)), type(norm).__name__, atol)
 
 
 def unembed_direction(model: nn.Module, token: int, minus: int | None = None) -> tuple[Tensor, float]:

@@ -1,0 +1,233 @@
+"""Attribution graphs: the direct linear effect of every node on every other through the local replacement
+model (:mod:`featurelens.circuits.local`) of one prompt.
+
+Nodes, in circuit-tracer's order: active transcoder features ``(layer, position, feature)`` sorted
+lexicographically, one error node per ``(layer, position)`` (layer-major), one token node per position,
+then the logit targets (the most probable next tokens up to 0.95 cumulative probability, at most 10).
+``adjacency[t, s]`` is source ``s``'s direct effect on target ``t``: for a feature target, on its
+pre-activation's linear part ``W_enc[:, f] . x_in`` (``b_enc`` is a bias); for a logit target, on the
+demeaned logit ``logit_t - mean(logits)``. So, with error nodes, a target's incoming edges plus its bias
+terms (everything constant in the frozen model: decoder biases, norm biases, positions left out) sum to its
+value. Edges come from backward passes of the frozen model, one target per batch copy of the prompt.
+
+Like circuit-tracer, features and errors at the first ``zero_first`` positions (the BOS, whose activations
+are outsized and uninformative) are left out of the graph and held constant.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from featurelens.circuits.local import CleanPass, LocalReplacement
+from featurelens.errors import UsageError
+from featurelens.saes.base import SAE
+
+
+@dataclass(frozen=True)
+class AttributionGraph:
+    """A dense attribution graph of one prompt (rows are targets, columns sources)."""
+
+    tokens: Tensor
+    """Prompt token ids ``[T]``."""
+    active_features: Tensor
+    """``[n_features, 3]`` rows ``(layer, position, feature)``, in node order."""
+    activations: Tensor
+    """Activation of each feature node ``[n_features]``."""
+    logit_tokens: Tensor
+    """Token id of each logit node ``[n_logits]``, most probable first."""
+    logit_probs: Tensor
+    """The model's probability of each logit node's token ``[n_logits]``."""
+    adjacency: Tensor
+    """``[N, N]`` direct effects, ``N = n_features + n_layers * T + T + n_logits``."""
+    n_layers: int
+    """Number of layers (error nodes per position)."""
+    zero_first: int = 1
+    """Features and errors at positions below this are held constant (not nodes)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Model, transcoders, timings, settings."""
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.tokens.numel())
+
+    @property
+    def n_features(self) -> int:
+        return int(self.active_features.shape[0])
+
+    @property
+    def n_logits(self) -> int:
+        return int(self.logit_tokens.numel())
+
+    @property
+    def error_start(self) -> int:
+        return self.n_features
+
+    @property
+    def token_start(self) -> int:
+        return self.n_features + self.n_layers * self.n_pos
+
+    @property
+    def logit_start(self) -> int:
+        return self.token_start + self.n_pos
+
+    @property
+    def n_nodes(self) -> int:
+        return self.logit_start + self.n_logits
+
+    def kind(self, i: int) -> str:
+        """``feature``, ``error``, ``token`` or ``logit``."""
+        if i < self.error_start:
+            return "feature"
+        if i < self.token_start:
+            return "error"
+        return "token" if i < self.logit_start else "logit"
+
+    def node_id(self, i: int) -> str:
+        """Node ids as circuit-tracer's frontend and Neuronpedia write them."""
+        k = self.kind(i)
+        if k == "feature":
+            layer, pos, f = (int(v) for v in self.active_features[i])
+            return f"{layer}_{f}_{pos}"
+        if k == "error":
+            layer, pos = divmod(i - self.error_start, self.n_pos)
+            return f"0_{layer}_{pos}"
+        if k == "token":
+            pos = i - self.token_start
+            return f"E_{int(self.tokens[pos])}_{pos}"
+        j = i - self.logit_start
+        return f"{self.n_layers + 1}_{int(self.logit_tokens[j])}_{self.n_pos - 1}"
+
+    def node_layer_pos(self, i: int) -> tuple[int, int]:
+        """``(layer, position)`` of a node: tokens at layer -1, logits at ``n_layers``."""
+        k = self.kind(i)
+        if k == "feature":
+            return int(self.active_features[i, 0]), int(self.active_features[i, 1])
+        if k == "error":
+            layer, pos = divmod(i - self.error_start, self.n_pos)
+            return layer, pos
+        if k == "token":
+            return -1, i - self.token_start
+        return self.n_layers, self.n_pos - 1
+
+
+def logit_targets(probs: Tensor, max_n: int = 10, cum_prob: float = 0.95) -> tuple[Tensor, Tensor]:
+    """The most probable tokens until their cumulative probability reaches ``cum_prob`` (at most ``max_n``)."""
+    p, idx = probs.sort(descending=True)
+    n = int((p.cumsum(0) < cum_prob).sum()) + 1
+    n = max(1, min(n, max_n))
+    return idx[:n], p[:n]
+
+
+def encoder_matrix(tc: SAE) -> Tensor:
+    """``[d_in, d_sae]``: column ``f`` is the linear functional of the input giving feature ``f``'s
+    pre-activation (the magnitude path for a gated dictionary)."""
+    if hasattr(tc, "r_mag"):
+        return tc.W_enc * tc.r_mag.exp()
+    return tc.W_enc
+
+
+@dataclass(frozen=True)
+class _Nodes:
+    feats: Tensor        # [n, 3] (layer, pos, feature)
+    acts: Tensor         # [n]
+    dec: list[Tensor]    # per layer [n_l, d]: activation * decoder row
+    enc: Tensor          # [n, d] encoder functional
+    err: Tensor          # [L, T, d]
+    src: Tensor          # [L, T, d] node part of each MLP output
+    layer_slices: list[slice]
+
+
+@torch.no_grad()
+def _nodes(lr: LocalReplacement, clean: CleanPass, zero_first: int) -> _Nodes:
+    feats, acts, dec, enc, errs, srcs, slices = [], [], [], [], [], [], []
+    start = 0
+    for layer, tc in enumerate(lr.transcoders):
+        x = clean.x_in[layer].to(tc.W_enc.dtype)
+        a = tc.encode(x)
+        a[:zero_first] = 0
+        recon = tc.decode(a) + lr._skip(layer, x)
+        err = clean.mlp_out[layer].to(a.dtype) - recon
+        err[:zero_first] = 0
+        pos, f = a.nonzero(as_tuple=True)
+        v = a[pos, f]
+        feats.append(torch.stack([torch.full_like(pos, layer), pos, f], 1))
+        acts.append(v)
+        dec.append(v[:, None] * tc.W_dec[f])
+        enc.append(encoder_matrix(tc)[:, f].T)
+        errs.append(err)
+        srcs.append(a @ tc.W_dec + err)
+        slices.append(slice(start, start + len(v)))
+        start += len(v)
+    return _Nodes(torch.cat(feats), torch.cat(acts), dec, torch.cat(enc), torch.stack(errs), torch.stack(srcs), slices)
+
+
+def attribute(model: nn.Module, transcoders: Sequence[SAE], ids: Tensor, *, max_logits: int = 10,
+              logit_prob: float = 0.95, batch_size: int = 32, zero_first: int = 1, progress: bool = True,
+              meta: dict[str, Any] | None = None) -> AttributionGraph:
+    """The full (unpruned) attribution graph of the prompt ``ids [T]``."""
+    t0 = time.perf_counter()
+    ids = ids.reshape(-1)
+    if ids.numel() <= zero_first:
+        raise UsageError(f"the prompt has {ids.numel()} tokens: it needs more than the {zero_first} left out at the start")
+    lr = LocalReplacement(model, transcoders)
+    clean = lr.clean(ids)
+    nd = _nodes(lr, clean, zero_first)
+    L, T = len(lr.transcoders), ids.numel()
+    n_f = int(nd.acts.numel())
+    lt, lp = logit_targets(clean.probs, max_logits, logit_prob)
+    n_l = int(lt.numel())
+    N = n_f + L * T + T + n_l
+    dtype = clean.embed.dtype
+    adj = torch.zeros(N, N, dtype=dtype)
+    # targets: logits first, then features by layer (so each backward pass only goes as deep as it must)
+    order: list[tuple[str, int]] = [("logit", j) for j in range(n_l)] + [("feature", i) for i in range(n_f)]
+    bar = tqdm(total=len(order), desc="graph: backward passes", unit="node", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    B = max(1, min(batch_size, len(order)))
+    with torch.enable_grad(), lr.frozen(clean, nd.src) as run:
+        emb = clean.embed.expand(B, -1, -1).clone().requires_grad_(True)
+        src = [nd.src[i].to(dtype).expand(B, -1, -1).clone().requires_grad_(True) for i in range(L)]
+        logits, x_in = run(emb, src)
+        demeaned = logits - logits.mean(-1, keepdim=True)
+        for c in range(0, len(order), B):
+            chunk = order[c:c + B]
+            terms = []
+            for b, (kind, j) in enumerate(chunk):
+                if kind == "logit":
+                    terms.append(demeaned[b, int(lt[j])])
+                else:
+                    layer, pos = int(nd.feats[j, 0]), int(nd.feats[j, 1])
+                    terms.append(x_in[layer][b, pos] @ nd.enc[j].to(dtype))
+            grads = torch.autograd.grad(torch.stack(terms).sum(), [emb, *src], retain_graph=c + B < len(order),
+                                        allow_unused=True)
+            nb = len(chunk)
+            rows = torch.zeros(nb, N, dtype=dtype)
+            g_emb = grads[0]
+            if g_emb is not None:
+                rows[:, n_f + L * T:n_f + L * T + T] = (g_emb[:nb] * clean.embed).sum(-1)
+            for layer in range(L):
+                g = grads[1 + layer]
+                if g is None:
+                    continue
+                g = g[:nb]
+                sl = nd.layer_slices[layer]
+                pos = nd.feats[sl, 1]
+                rows[:, sl] = (g[:, pos] * nd.dec[layer].to(dtype)).sum(-1)
+                rows[:, n_f + layer * T:n_f + (layer + 1) * T] = (g * nd.err[layer].to(dtype)).sum(-1)
+            for b, (kind, j) in enumerate(chunk):
+                adj[(n_f + L * T + T + j) if kind == "logit" else j] = rows[b]
+            bar.update(nb)
+    bar.close()
+    info = dict(meta or {})
+    info.update({"seconds": time.perf_counter() - t0, "n_active_features": n_f, "batch_size": B})
+    return AttributionGraph(ids.cpu(), nd.feats.cpu(), nd.acts.float().cpu(), lt.cpu(), lp.cpu(), adj, L, zero_first,
+                            info)

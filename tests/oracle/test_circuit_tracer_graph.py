@@ -1,0 +1,94 @@
+"""Oracle: our attribution graph equals circuit-tracer's (0.5, nnsight backend, ``.ct-venv``) on the same model,
+prompt and transcoders: same active features, same logit targets and probabilities, adjacency to 1e-4
+relative, the same pruning masks and scores. A tiny random Llama saved as a local folder (with a word-level
+tokenizer) stands in for a hub model. Run with ``.ct-venv/bin/python -m pytest tests/oracle/test_circuit_tracer_graph.py``;
+skipped where circuit-tracer is missing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from featurelens.saes import SAEConfig, get_architecture
+from featurelens.saes.base import SAE
+from featurelens.saes.circuit_tracer import save_circuit_tracer
+from featurelens.testing import tiny_model
+
+pytest.importorskip("circuit_tracer", reason="circuit-tracer is not installed (see benchmarks/setup_peers.sh)")
+
+
+def _folder(tmp: Path) -> tuple[Path, torch.nn.Module]:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = tiny_model("llama")
+    out = tmp / "tiny-llama"
+    model.save_pretrained(out)
+    vocab = {f"t{i}": i for i in range(128)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t1", eos_token="t2", pad_token="t0",
+                            unk_token="t0").save_pretrained(out)
+    return out, model
+
+
+def _transcoders(arch: str, skip: bool, d: int = 64, width: int = 48) -> list[SAE]:
+    out = []
+    for layer in range(3):
+        cfg = SAEConfig(architecture=arch, d_in=d, d_sae=width, k=6, hook_name=f"blocks.{layer}.ln2.hook_normalized",
+                        target_hook_name=f"blocks.{layer}.hook_mlp_out", hook_layer=layer, apply_b_dec_to_input=False,
+                        skip=skip)
+        tc = get_architecture(arch)(cfg)
+        g = torch.Generator().manual_seed(20 + layer)
+        with torch.no_grad():
+            for p in tc.parameters():
+                p.add_(0.15 * torch.randn(p.shape, generator=g))
+            if arch == "jumprelu":
+                tc.log_threshold.copy_((0.2 * torch.rand(width, generator=g) + 0.02).log())
+        out.append(tc.eval())
+    return out
+
+
+@pytest.mark.parametrize(("arch", "skip"), [("relu", True), ("jumprelu", False)])
+def test_graph_equals_circuit_tracer(arch: str, skip: bool, tmp_path: Path) -> None:
+    from circuit_tracer import ReplacementModel
+    from circuit_tracer import attribute as ct_attribute
+    from circuit_tracer.graph import compute_graph_scores, prune_graph
+    from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
+
+    from featurelens.circuits.graph import attribute
+    from featurelens.circuits.prune import graph_scores, prune
+
+    folder, model = _folder(tmp_path)
+    ours_tc = _transcoders(arch, skip)
+    path = save_circuit_tracer(ours_tc, tmp_path / "set")
+    theirs_tc = load_transcoder_set({i: str(path / f"layer_{i}.safetensors") for i in range(3)}, scan="x",
+                                    feature_input_hook="mlp.hook_in", feature_output_hook="mlp.hook_out",
+                                    device=torch.device("cpu"), lazy_encoder=False, lazy_decoder=False)
+    rm = ReplacementModel.from_pretrained_and_transcoders(str(folder), theirs_tc, backend="nnsight", device="cpu",
+                                                          dtype=torch.float32)
+    ids = torch.tensor([1, 17, 40, 99, 5, 63, 17, 40, 88, 12, 77])
+    theirs = ct_attribute(ids, rm, max_n_logits=10, desired_logit_prob=0.95, batch_size=16)
+    ours = attribute(model, ours_tc, ids, batch_size=16, progress=False)
+
+    assert torch.equal(ours.active_features, theirs.active_features.cpu())
+    assert ours.n_features > 50  # enough features for the comparison to mean something
+    torch.testing.assert_close(ours.activations, theirs.activation_values.cpu(), rtol=1e-4, atol=1e-5)
+    assert ours.logit_tokens.tolist() == [t.vocab_idx for t in theirs.logit_targets]
+    torch.testing.assert_close(ours.logit_probs, theirs.logit_probabilities.cpu(), rtol=1e-4, atol=1e-6)
+    a, b = ours.adjacency, theirs.adjacency_matrix.cpu()
+    assert a.shape == b.shape
+    scale = float(b.abs().max())
+    assert float((a - b).abs().max()) <= 1e-4 * scale, float((a - b).abs().max()) / scale
+    assert float(b.abs().sum()) > 0 and float((b != 0).float().mean()) > 0.05
+
+    p_ours = prune(ours, 0.8, 0.98)
+    p_theirs = prune_graph(theirs, 0.8, 0.98)
+    assert torch.equal(p_ours.node_mask, p_theirs.node_mask.cpu())
+    assert torch.equal(p_ours.edge_mask, p_theirs.edge_mask.cpu())
+    rs, cs = graph_scores(ours)
+    rs_t, cs_t = compute_graph_scores(theirs)
+    assert abs(rs - rs_t) < 1e-4 and abs(cs - cs_t) < 1e-4
+    assert 0.0 < rs < 1.0 and 0.0 < cs < 1.0
