@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,6 +84,40 @@ class AttributionGraph:
     def n_nodes(self) -> int:
         return self.logit_start + self.n_logits
 
+    def save(self, path: str | Path) -> Path:
+        """One ``.safetensors`` file (the full adjacency and node tables; settings as JSON metadata), written
+        whole or not at all."""
+        from safetensors.torch import save
+
+        from featurelens.atomic import atomic_write_bytes
+        from featurelens.jsonio import dumps_strict
+
+        path = Path(path)
+        tensors = {"tokens": self.tokens, "active_features": self.active_features, "activations": self.activations,
+                   "logit_tokens": self.logit_tokens, "logit_probs": self.logit_probs, "adjacency": self.adjacency}
+        info = {"format": "featurelens-attribution-graph", "version": "1", "n_layers": str(self.n_layers),
+                "zero_first": str(self.zero_first), "meta": dumps_strict(self.meta)}
+        atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=info))
+        return path
+
+    @staticmethod
+    def load(path: str | Path) -> AttributionGraph:
+        import json
+
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"graph file {path} does not exist: write one with featurelens graph")
+        with safe_open(str(path), "pt") as f:
+            info = f.metadata() or {}
+            if info.get("format") != "featurelens-attribution-graph":
+                raise UsageError(f"{path} is not a featurelens attribution graph (no format tag in its metadata)")
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has keys(), not iteration
+        return AttributionGraph(t["tokens"], t["active_features"], t["activations"], t["logit_tokens"],
+                                t["logit_probs"], t["adjacency"], int(info["n_layers"]), int(info["zero_first"]),
+                                json.loads(info["meta"]))
+
     def kind(self, i: int) -> str:
         """``feature``, ``error``, ``token`` or ``logit``."""
         if i < self.error_start:
@@ -143,12 +178,12 @@ class _Nodes:
     enc: Tensor          # [n, d] encoder functional
     err: Tensor          # [L, T, d]
     src: Tensor          # [L, T, d] node part of each MLP output
-    layer_slices: list[slice]
+    groups: list[tuple[int, int, slice, Tensor]]  # (layer, position, node columns, [d, n] scaled decoders)
 
 
 @torch.no_grad()
 def _nodes(lr: LocalReplacement, clean: CleanPass, zero_first: int) -> _Nodes:
-    feats, acts, dec, enc, errs, srcs, slices = [], [], [], [], [], [], []
+    feats, acts, dec, enc, errs, srcs, groups = [], [], [], [], [], [], []
     start = 0
     for layer, tc in enumerate(lr.transcoders):
         x = clean.x_in[layer].to(tc.W_enc.dtype)
@@ -157,17 +192,21 @@ def _nodes(lr: LocalReplacement, clean: CleanPass, zero_first: int) -> _Nodes:
         recon = tc.decode(a) + lr._skip(layer, x)
         err = clean.mlp_out[layer].to(a.dtype) - recon
         err[:zero_first] = 0
-        pos, f = a.nonzero(as_tuple=True)
+        pos, f = a.nonzero(as_tuple=True)  # sorted by position, then feature
         v = a[pos, f]
         feats.append(torch.stack([torch.full_like(pos, layer), pos, f], 1))
         acts.append(v)
-        dec.append(v[:, None] * tc.W_dec[f])
+        d = v[:, None] * tc.W_dec[f]
+        dec.append(d)
         enc.append(encoder_matrix(tc)[:, f].T)
         errs.append(err)
         srcs.append(a @ tc.W_dec + err)
-        slices.append(slice(start, start + len(v)))
+        for p in pos.unique().tolist():
+            idx = (pos == p).nonzero(as_tuple=True)[0]
+            lo, hi = int(idx[0]), int(idx[-1]) + 1
+            groups.append((layer, p, slice(start + lo, start + hi), d[lo:hi].T.contiguous()))
         start += len(v)
-    return _Nodes(torch.cat(feats), torch.cat(acts), dec, torch.cat(enc), torch.stack(errs), torch.stack(srcs), slices)
+    return _Nodes(torch.cat(feats), torch.cat(acts), dec, torch.cat(enc), torch.stack(errs), torch.stack(srcs), groups)
 
 
 def attribute(model: nn.Module, transcoders: Sequence[SAE], ids: Tensor, *, max_logits: int = 10,
@@ -214,20 +253,19 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE], ids: Tensor, *, max_
             g_emb = grads[0]
             if g_emb is not None:
                 rows[:, n_f + L * T:n_f + L * T + T] = (g_emb[:nb] * clean.embed).sum(-1)
-            for layer in range(L):
-                g = grads[1 + layer]
-                if g is None:
-                    continue
-                g = g[:nb]
-                sl = nd.layer_slices[layer]
-                pos = nd.feats[sl, 1]
-                rows[:, sl] = (g[:, pos] * nd.dec[layer].to(dtype)).sum(-1)
-                rows[:, n_f + layer * T:n_f + (layer + 1) * T] = (g * nd.err[layer].to(dtype)).sum(-1)
+            gl = [None if g is None else g[:nb] for g in grads[1:]]
+            for layer, pos, cols, d_t in nd.groups:
+                g = gl[layer]
+                if g is not None:
+                    rows[:, cols] = g[:, pos] @ d_t.to(dtype)
+            for layer, g in enumerate(gl):
+                if g is not None:
+                    rows[:, n_f + layer * T:n_f + (layer + 1) * T] = (g * nd.err[layer].to(dtype)).sum(-1)
             for b, (kind, j) in enumerate(chunk):
                 adj[(n_f + L * T + T + j) if kind == "logit" else j] = rows[b]
             bar.update(nb)
     bar.close()
     info = dict(meta or {})
     info.update({"seconds": time.perf_counter() - t0, "n_active_features": n_f, "batch_size": B})
-    return AttributionGraph(ids.cpu(), nd.feats.cpu(), nd.acts.float().cpu(), lt.cpu(), lp.cpu(), adj, L, zero_first,
+    return AttributionGraph(ids.cpu(), nd.feats.cpu(), nd.acts.cpu(), lt.cpu(), lp.cpu(), adj, L, zero_first,
                             info)

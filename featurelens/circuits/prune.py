@@ -3,7 +3,8 @@
 With ``A`` the adjacency with absolute values and each row normalised to sum 1 (a target's inputs as
 fractions), a node's *influence* on the output is ``w (A + A^2 + ...)``, ``w`` the logit nodes' model
 probabilities: the probability-weighted fraction of the logits' inputs that flows through it along any
-path. The graph is acyclic, so the series is ``w ((I - A)^-1 - I)``, solved here directly in float64.
+path. The graph is acyclic, so the series ends after at most ``n_layers + 2`` terms; it is summed exactly
+that way (vector-matrix products until the term is zero), in the graph's dtype.
 
 * Pruning keeps the nodes holding ``node_threshold`` (0.8) of the total influence, then the edges holding
   ``edge_threshold`` (0.98) of the edge influence (edge score = normalised weight x target's influence
@@ -27,22 +28,25 @@ from featurelens.errors import UsageError
 
 def normalized(adj: Tensor) -> Tensor:
     """``|adj|`` with each row divided by its sum (rows summing to 0 stay 0)."""
-    a = adj.abs().double()
+    a = adj.abs()
     return a / a.sum(1, keepdim=True).clamp_min(1e-10)
 
 
 def influence(a_norm: Tensor, w: Tensor) -> Tensor:
-    """``w (A + A^2 + ...)`` for an acyclic, row-normalised ``A`` (solved, not iterated)."""
-    n = a_norm.shape[0]
-    eye = torch.eye(n, dtype=torch.float64)
-    # x (I - A) = w A  <=>  (I - A)^T x^T = (w A)^T
-    rhs = w.double() @ a_norm
-    return torch.linalg.solve((eye - a_norm).T, rhs)
+    """``w (A + A^2 + ...)`` for an acyclic, row-normalised ``A``."""
+    term = w.to(a_norm.dtype) @ a_norm
+    total = term.clone()
+    for _ in range(a_norm.shape[0]):
+        if not bool(term.any()):
+            return total
+        term = term @ a_norm
+        total += term
+    raise ValueError("the adjacency has a cycle: an attribution graph is acyclic")
 
 
 def logit_weights(g: AttributionGraph) -> Tensor:
-    w = torch.zeros(g.n_nodes, dtype=torch.float64)
-    w[g.logit_start:] = g.logit_probs.double()
+    w = torch.zeros(g.n_nodes, dtype=g.adjacency.dtype)
+    w[g.logit_start:] = g.logit_probs.to(w.dtype)
     return w
 
 
@@ -52,13 +56,24 @@ def node_influence(g: AttributionGraph) -> Tensor:
 
 
 def _threshold(scores: Tensor, keep: float) -> float:
-    s = scores.flatten().sort(descending=True).values
+    """The score of the last element kept when elements are taken in decreasing order until their share of
+    the total reaches ``keep``. Exact, without sorting everything: scores are binned by binary exponent, and
+    only the bins down to the one where the share crosses ``keep`` are sorted."""
+    s = scores.flatten()
+    s = s[s > 0]
     total = float(s.sum())
     if total <= 0:
         return float("inf")
-    cum = s.cumsum(0) / total
-    i = min(int(torch.searchsorted(cum, torch.tensor(keep, dtype=cum.dtype))), len(s) - 1)
-    return float(s[i])
+    ex = torch.frexp(s).exponent.long()
+    lo = int(ex.min())
+    mass = torch.bincount(ex - lo, weights=s.double())
+    cum = mass.flip(0).cumsum(0) / total          # share held by bins from the top down
+    crossing = int(torch.searchsorted(cum, torch.tensor(keep, dtype=cum.dtype)))
+    floor_bin = len(mass) - 1 - min(crossing, len(mass) - 1)
+    cand = s[ex - lo >= floor_bin].sort(descending=True).values
+    c = cand.double().cumsum(0) / total
+    i = min(int(torch.searchsorted(c, torch.tensor(keep, dtype=c.dtype))), len(cand) - 1)
+    return float(cand[i])
 
 
 @dataclass(frozen=True)
@@ -92,7 +107,7 @@ def prune(g: AttributionGraph, node_threshold: float = 0.8, edge_threshold: floa
     inf = influence(a, w)
     keep = inf >= _threshold(inf, node_threshold)
     keep[g.token_start:] = True
-    pr = g.adjacency.double().clone()
+    pr = g.adjacency.clone()
     pr[~keep] = 0
     pr[:, ~keep] = 0
     pa = normalized(pr)
