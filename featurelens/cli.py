@@ -351,6 +351,20 @@ def _cmd_neurons(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_graph(ns: argparse.Namespace) -> int:
+    from featurelens.circuits.run import GraphConfig, run_graph
+
+    res = run_graph(dataclass_from_args(GraphConfig, ns))
+    print(json.dumps({k: res[k] for k in ("n_tokens", "n_active_features", "pruned_nodes", "pruned_edges",
+                                          "replacement_score", "completeness_score", "seconds_attribution")}))
+    if res["check"]:
+        c = res["check"]
+        print(json.dumps({"intervention_r_total": c["r_total"], "intervention_r_direct": c["r_direct"],
+                          "top_k_drop": c["top_drop"], "random_drop": c["random_drop"], "drop_ratio": c["drop_ratio"]}))
+    print(f"open: {res['viewer']}")
+    return 0
+
+
 def _cmd_patch(ns: argparse.Namespace) -> int:
     from featurelens.lens.run import PatchConfig, run_patch
 
@@ -456,6 +470,13 @@ def build_parser() -> argparse.ArgumentParser:
                         description=NeuronsConfig.__doc__)
     add_dataclass_args(sp, NeuronsConfig)
     sp.set_defaults(func=_cmd_neurons)
+
+    from featurelens.circuits.run import GraphConfig
+
+    sp = sub.add_parser("graph", help="attribution graph of one prompt through transcoders, checked by ablation, "
+                        "with a viewer page", description=GraphConfig.__doc__)
+    add_dataclass_args(sp, GraphConfig)
+    sp.set_defaults(func=_cmd_graph)
 
     sp = sub.add_parser("patch", help="activation and attribution patching of a clean/corrupted prompt pair",
                         description=PatchConfig.__doc__)

@@ -127,14 +127,16 @@ class AttributionGraph:
         return "token" if i < self.logit_start else "logit"
 
     def node_id(self, i: int) -> str:
-        """Node ids as circuit-tracer's frontend and Neuronpedia write them."""
+        """Node ids as circuit-tracer's frontend and Neuronpedia write them, except errors: ``err_{layer}_{pos}``
+        (circuit-tracer's ``0_{layer}_{pos}`` is also the id of layer-0 feature ``layer`` at ``pos``, and its
+        frontend keys nodes by id)."""
         k = self.kind(i)
         if k == "feature":
             layer, pos, f = (int(v) for v in self.active_features[i])
             return f"{layer}_{f}_{pos}"
-        if k == "error":
+        if k == "error":  # circuit-tracer writes 0_{layer}_{pos}, which collides with layer-0 features
             layer, pos = divmod(i - self.error_start, self.n_pos)
-            return f"0_{layer}_{pos}"
+            return f"err_{layer}_{pos}"
         if k == "token":
             pos = i - self.token_start
             return f"E_{int(self.tokens[pos])}_{pos}"
