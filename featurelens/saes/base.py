@@ -36,6 +36,14 @@ WEIGHTS_SHA_KEY = "featurelens_weights_sha256"
 """cfg.json key holding the sha256 of the weights file featurelens saved (checked on load when present)."""
 
 
+SAELENS_TRANSCODERS: dict[tuple[str, bool], str] = {
+    ("standard", False): "transcoder", ("standard", True): "skip_transcoder",
+    ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder"}
+"""SAELens' transcoder class for (our SAELens architecture, skip); TopK and gated transcoders have none."""
+SKIP_LAYOUT_KEY = "w_skip_layout"
+"""``cfg.json`` key: ``out_in`` when ``W_skip`` is stored ``[d_out, d_in]`` (folders saved before it: ours)."""
+
+
 @dataclass
 class SAEConfig:
     """The saved artifact config (``cfg.json``): what the SAE is, not how it was trained."""
@@ -322,15 +330,25 @@ class SAE(nn.Module):
             **meta,
             "featurelens": {"format": FORMAT_VERSION, **dataclasses.asdict(c)},
         }
-        if c.is_transcoder:  # SAELens' transcoder keys
+        if c.is_transcoder:  # SAELens' transcoder keys and classes (ReLU / JumpReLU, with or without skip)
             out["hook_name_out"] = c.target_hook_name
             out["d_out"] = c.d_in
+            meta["hook_name_out"] = c.target_hook_name
+            sl = SAELENS_TRANSCODERS.get((self.saelens_architecture, c.skip))
+            if sl is not None:
+                out["architecture"] = sl
+            if c.skip:
+                out[SKIP_LAYOUT_KEY] = "out_in"
         if self.saelens_architecture == "topk":
             out["k"] = c.k
         return out
 
     def weights_for_saving(self) -> dict[str, Tensor]:
-        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        """Saved tensors; ``W_skip`` as SAELens stores it, ``[d_out, d_in]`` (we apply ``x @ W_skip``)."""
+        w = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if "W_skip" in w:
+            w["W_skip"] = w["W_skip"].t().contiguous()
+        return w
 
     def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
         """Write ``cfg.json`` + ``sae_weights.safetensors`` to a folder (temp folder, then rename). An

@@ -27,6 +27,7 @@ from featurelens.jsonio import read_json
 from featurelens.saes.base import (
     CONFIG_FILE,
     SAE,
+    SKIP_LAYOUT_KEY,
     WEIGHTS_FILE,
     WEIGHTS_SHA_KEY,
     SAEConfig,
@@ -37,6 +38,8 @@ from featurelens.saes.registry import get_architecture
 
 SAELENS_TO_FEATURELENS = {"standard": "relu_unitnorm", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
                           "batchtopk": "jumprelu"}
+SAELENS_TRANSCODER_TO_FEATURELENS = {"transcoder": ("relu", False), "skip_transcoder": ("relu", True),
+                                     "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True)}
 
 
 def _convert_weights(cls: type[SAE], w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -69,6 +72,22 @@ def load_saelens_folder(path: Path, device: str | torch.device = "cpu") -> SAE:
     weights = _load_safetensors(path / WEIGHTS_FILE, str(sha) if sha else None)
     if "featurelens" in cfg_d:
         cfg = sae_config_from_dict(cfg_d["featurelens"])
+        if "W_skip" in weights and cfg_d.get(SKIP_LAYOUT_KEY) == "out_in":  # stored as SAELens does; older: ours
+            weights = {**weights, "W_skip": weights["W_skip"].t().contiguous()}
+    elif cfg_d.get("architecture") in SAELENS_TRANSCODER_TO_FEATURELENS:
+        arch, skip = SAELENS_TRANSCODER_TO_FEATURELENS[str(cfg_d["architecture"])]
+        meta = cfg_d.get("metadata") or {}
+        if int(cfg_d.get("d_out", cfg_d["d_in"])) != int(cfg_d["d_in"]):
+            raise UsageError(f"{path}: a transcoder with d_out {cfg_d['d_out']} != d_in {cfg_d['d_in']} is not supported")
+        if cfg_d.get("normalize_activations", "none") not in ("none", None):
+            raise UsageError(f"{path}: normalize_activations={cfg_d['normalize_activations']!r} is not supported: "
+                             "fold the normalisation into the weights first")
+        cfg = SAEConfig(architecture=arch, d_in=int(cfg_d["d_in"]), d_sae=int(cfg_d["d_sae"]), apply_b_dec_to_input=False,
+                        hook_name=str(cfg_d.get("hook_name") or meta.get("hook_name") or ""),
+                        target_hook_name=str(cfg_d.get("hook_name_out") or meta.get("hook_name_out") or "transcoder-out"),
+                        model_name=str(cfg_d.get("model_name") or meta.get("model_name") or ""), skip=skip)
+        if skip:
+            weights = {**weights, "W_skip": weights["W_skip"].t().contiguous()}
     else:
         sl_arch = cfg_d.get("architecture", "standard")
         if sl_arch not in SAELENS_TO_FEATURELENS:
