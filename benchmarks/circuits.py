@@ -4,7 +4,7 @@ with all 30 at once: next-token CE and KL to the real model on held-out text), t
 (factual recall, induction/copying, arithmetic, rhymes) and report per graph: replacement and completeness
 scores, size after pruning, seconds, and the ablation checks in the real model (correlation of measured with
 predicted effects; the target logit's drop for the top-10 graph features against 10 random active features
-of matched total activation). circuit-tracer (0.5, ``.ct-venv``, ``benchmarks/circuit_tracer_side.py``)
+of matched total activation; the top 10 are those the graph says support the target most). circuit-tracer (0.5, ``.ct-venv``, ``benchmarks/circuit_tracer_side.py``)
 traces the same ids with the same transcoders in the same run: its time, ours, and the largest adjacency
 difference.
 
@@ -54,6 +54,11 @@ TIMING_TEXT = "The Eiffel Tower is in Paris, the Colosseum is in Rome and Big Be
 
 
 def train(out: Path, steps: int, width: int, k: int, arch: str) -> float:
+    """Run (or resume) the layer-set training; 0 seconds when every layer's transcoder already has ``steps``."""
+    done = [json.loads(c.read_text()).get("featurelens", {}).get("extra", {}).get("trained_steps")
+            for c in out.glob(f"L*/{arch}-w{width}-k{k}-skip/cfg.json")]
+    if done and len(done) == len(list(out.glob("L*"))) and all(d == steps for d in done):
+        return 0.0
     cmd = [str(ROOT / ".venv/bin/featurelens"), "train", "--model", "smollm2-135m-instruct", "--layers", "all",
            "--site", "ln2.hook_normalized", "--target-site", "hook_mlp_out", "--arch", arch, "--k", str(k),
            "--width", str(width), "--skip", "--steps", str(steps), "--batch-size", "512", "--out", str(out)]
@@ -90,6 +95,49 @@ def replacement_metrics(lm: Any, tcs: list[Any], n_tokens: int) -> dict[str, Any
     return transcoder_metrics(lm.model, tcs, batches)
 
 
+def side_by_side(lm: Any, tcs: list[Any], out: Path, n_prompts: int) -> tuple[float, dict[str, Any]]:
+    """Ours and circuit-tracer's graph of the 16-token timing prompt and the first ``n_prompts`` prompts:
+    seconds of each, the ratio, whether the features and logits agree, the largest adjacency difference."""
+    from featurelens.circuits.graph import attribute
+    from featurelens.circuits.run import prompt_ids
+    from featurelens.saes.circuit_tracer import save_circuit_tracer
+
+    # the 16-token timing prompt, ours and circuit-tracer's, plus the first --ct-prompts prompts
+    t_ids = [int(lm.tokenizer.bos_token_id), *lm.tokenizer(TIMING_TEXT, add_special_tokens=False)["input_ids"][:15]]
+    ct_ids = [t_ids] + [prompt_ids(lm.tokenizer, t, True).tolist() for _, t in PROMPTS[:n_prompts]]
+    ours_t, ours_g = [], []
+    for ids in ct_ids:
+        g = attribute(lm.model, tcs, torch.tensor(ids), progress=False)
+        ours_t.append(g.meta["seconds"])
+        ours_g.append(g)
+    ct: dict[str, Any] = {"available": False}
+    ct_py = ROOT / ".ct-venv/bin/python"
+    if ct_py.exists():
+        set_dir = save_circuit_tracer(tcs, out / "ct-set", overwrite=True)
+        src = next(Path(os.path.expanduser("~/.cache/featurelens/converted")).glob("SmolLM2-135M-Instruct*"))
+        folder = ct_model_folder(src, out / "ct-model")
+        res = subprocess.run([str(ct_py), str(ROOT / "benchmarks/circuit_tracer_side.py"), "--model", str(folder),
+                              "--transcoders", str(set_dir), "--ids", json.dumps(ct_ids), "--out", str(out / "ct-graph")],
+                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if res.returncode == 0:
+            from safetensors.torch import load_file
+
+            theirs_t = json.loads(res.stdout.strip().splitlines()[-1])["seconds"]
+            errs, same = [], []
+            for j, g in enumerate(ours_g):
+                t = load_file(str(out / f"ct-graph{j}.safetensors"))
+                same.append(bool(torch.equal(t["active_features"], g.active_features)
+                                 and t["logit_tokens"].tolist() == g.logit_tokens.tolist()))
+                if t["adjacency"].shape == g.adjacency.shape:
+                    errs.append(float((t["adjacency"] - g.adjacency).abs().max() / t["adjacency"].abs().max()))
+            ct = {"available": True, "seconds": [round(s, 1) for s in theirs_t], "ours_seconds": [round(s, 1) for s in ours_t],
+                  "ratio_ours_over_theirs": [round(a / b, 3) for a, b in zip(ours_t, theirs_t)],
+                  "same_features_and_logits": same, "adjacency_max_rel_diff": errs}
+        else:
+            ct = {"available": False, "error": res.stderr.strip().splitlines()[-1:] if res.stderr else "failed"}
+    return round(ours_t[0], 1), ct
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/bench_circ")
@@ -101,6 +149,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=len(PROMPTS))
     ap.add_argument("--ct-prompts", type=int, default=2, help="of the prompts, how many circuit-tracer also traces")
     ap.add_argument("--quick", action="store_true", help="4 prompts, 1 circuit-tracer prompt, 1024 eval tokens")
+    ap.add_argument("--ct-only", action="store_true", help="redo only the timing / circuit-tracer part, merged "
+                    "into the previous run's summary.json")
     args = ap.parse_args()
     if args.quick:
         args.prompts, args.ct_prompts, args.eval_tokens = 4, 1, 1024
@@ -110,10 +160,20 @@ def main() -> None:
     from featurelens.circuits.prune import graph_scores, prune
     from featurelens.circuits.run import GraphConfig, load_transcoders, prompt_ids, run_graph
     from featurelens.models.loading import load_model
-    from featurelens.saes.circuit_tracer import save_circuit_tracer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.ct_only:
+        prev = json.loads((out / "summary.json").read_text())
+        lm = load_model("smollm2-135m-instruct", device="cpu")
+        tcs = load_transcoders(out / "tcs")
+        t16, ct = side_by_side(lm, tcs, out, args.ct_prompts)
+        prev.update({"seconds_16_tokens": t16, "circuit_tracer": ct})
+        prev["targets"].update({"16_tokens<=120s": t16 <= 120, "not_slower_than_circuit_tracer":
+                                bool(ct.get("available")) and ct["ratio_ours_over_theirs"][0] <= 1.0})
+        (out / "summary.json").write_text(json.dumps(prev))
+        print(json.dumps(prev))
+        return
     t_train = train(out / "tcs", args.steps, args.width, args.k, args.arch)
     print(f"train: {t_train:.0f} s (0 when already trained)", file=sys.stderr)
     lm = load_model("smollm2-135m-instruct", device="cpu")
@@ -141,39 +201,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
 
-    # the 16-token timing prompt, ours and circuit-tracer's, plus the first --ct-prompts prompts
-    t_ids = [int(lm.tokenizer.bos_token_id), *lm.tokenizer(TIMING_TEXT, add_special_tokens=False)["input_ids"][:15]]
-    ct_ids = [t_ids] + [prompt_ids(lm.tokenizer, t, True).tolist() for _, t in PROMPTS[:args.ct_prompts]]
-    ours_t, ours_g = [], []
-    for ids in ct_ids:
-        g = attribute(lm.model, tcs, torch.tensor(ids), progress=False)
-        ours_t.append(g.meta["seconds"])
-        ours_g.append(g)
-    ct: dict[str, Any] = {"available": False}
-    ct_py = ROOT / ".ct-venv/bin/python"
-    if ct_py.exists():
-        set_dir = save_circuit_tracer(tcs, out / "ct-set", overwrite=True) if not (out / "ct-set").exists() else out / "ct-set"
-        src = next(Path(os.path.expanduser("~/.cache/featurelens/converted")).glob("SmolLM2-135M-Instruct*"))
-        folder = ct_model_folder(src, out / "ct-model")
-        res = subprocess.run([str(ct_py), str(ROOT / "benchmarks/circuit_tracer_side.py"), "--model", str(folder),
-                              "--transcoders", str(set_dir), "--ids", json.dumps(ct_ids), "--out", str(out / "ct-graph")],
-                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if res.returncode == 0:
-            from safetensors.torch import load_file
-
-            theirs_t = json.loads(res.stdout.strip().splitlines()[-1])["seconds"]
-            errs, same = [], []
-            for j, g in enumerate(ours_g):
-                t = load_file(str(out / f"ct-graph{j}.safetensors"))
-                same.append(bool(torch.equal(t["active_features"], g.active_features)
-                                 and t["logit_tokens"].tolist() == g.logit_tokens.tolist()))
-                if t["adjacency"].shape == g.adjacency.shape:
-                    errs.append(float((t["adjacency"] - g.adjacency).abs().max() / t["adjacency"].abs().max()))
-            ct = {"available": True, "seconds": [round(s, 1) for s in theirs_t], "ours_seconds": [round(s, 1) for s in ours_t],
-                  "ratio_ours_over_theirs": [round(a / b, 3) for a, b in zip(ours_t, theirs_t)],
-                  "same_features_and_logits": same, "adjacency_max_rel_diff": errs}
-        else:
-            ct = {"available": False, "error": res.stderr.strip().splitlines()[-1:] if res.stderr else "failed"}
+    t16, ct = side_by_side(lm, tcs, out, args.ct_prompts)
     # one graph written whole (viewer, JSON, adjacency) for the README
     view = run_graph(GraphConfig(prompt=PROMPTS[0][1], transcoders=str(out / "tcs"), out=str(out / "graph-view")),
                      lm=lm, transcoders=tcs, progress=False)
@@ -196,7 +224,7 @@ def main() -> None:
         "by_category": {c: {"completeness": round(statistics.fmean(r["completeness"] for r in rows if r["category"] == c), 4),
                             "replacement": round(statistics.fmean(r["replacement"] for r in rows if r["category"] == c), 4)}
                         for c in sorted({r["category"] for r in rows})},
-        "seconds_16_tokens": round(ours_t[0], 1), "circuit_tracer": ct, "viewer": view["viewer"],
+        "seconds_16_tokens": t16, "circuit_tracer": ct, "viewer": view["viewer"],
     }
     summary["targets"] = {
         "kl_replacement<=0.3": summary["kl_replacement"] <= 0.3,
@@ -206,6 +234,7 @@ def main() -> None:
         "not_slower_than_circuit_tracer": bool(ct.get("available")) and ct["ratio_ours_over_theirs"][0] <= 1.0,
     }
     (out / "rows.json").write_text(json.dumps(rows, indent=1))
+    (out / "summary.json").write_text(json.dumps(summary))
     print(json.dumps(summary))
 
 

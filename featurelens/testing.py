@@ -102,3 +102,29 @@ class CharTokenizer:
         if skip_special_tokens:
             ids = [i for i in ids if i >= 3]
         return "".join("?" if i < 3 else chr(i) for i in ids)
+
+
+def random_transcoders(arch: str, n_layers: int, d: int, width: int, skip: bool = True, scale: float = 0.1,
+                       seed: int = 0, k: int = 5, dtype: torch.dtype = torch.float32) -> list[Any]:
+    """One randomly perturbed transcoder per layer (``blocks.L.ln2.hook_normalized`` -> ``blocks.L.hook_mlp_out``),
+    in eval mode: JumpReLU thresholds small and positive, BatchTopK / Matryoshka thresholds set, so that a
+    good share of latents fire on unit-scale inputs."""
+    from featurelens.saes import SAEConfig, get_architecture
+
+    out = []
+    for layer in range(n_layers):
+        cfg = SAEConfig(architecture=arch, d_in=d, d_sae=width, k=k, hook_name=f"blocks.{layer}.ln2.hook_normalized",
+                        target_hook_name=f"blocks.{layer}.hook_mlp_out", hook_layer=layer, apply_b_dec_to_input=False,
+                        skip=skip)
+        tc = get_architecture(arch)(cfg)
+        g = torch.Generator().manual_seed(seed + layer)
+        with torch.no_grad():
+            for p in tc.parameters():
+                p.add_(scale * torch.randn(p.shape, generator=g))
+            if arch == "jumprelu":
+                tc.log_threshold.copy_((0.1 * torch.rand(width, generator=g) + 0.01).log())
+            if arch in ("batchtopk", "matryoshka"):
+                tc.threshold.fill_(0.2)
+                tc.threshold_initialised.fill_(True)
+        out.append(tc.to(dtype).eval())
+    return out

@@ -8,8 +8,9 @@ in total, also through the features in between (a feature's output scales with i
 in each later feature's pre-activation (``W_enc . x_in``, its transcoder read on the ablated run) and in the
 demeaned target logit is measured and correlated with both predictions.
 
-A second check: the target logit's drop when the ``k`` most influential graph features are ablated at once,
-against ``k`` random active features whose total activation matches (the closest of many random draws).
+A second check: the target logit's drop when the ``k`` features the graph says support it most (largest
+positive total effect on the demeaned target logit) are ablated at once, against ``k`` random active
+features whose total activation matches (the closest of many random draws).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,15 +69,39 @@ def _read(model: nn.Module, transcoders: Sequence[SAE], ids: Tensor, token: int,
     return float(logits[token] - logits.mean()), pre
 
 
-def _total_effect(g: AttributionGraph) -> Tensor:
-    """``T[t, s]``: the graph's linear prediction of target ``t``'s change per unit of source ``s``'s write,
-    through features in between (``(I - M)^-1``)."""
-    a = g.adjacency.double()
+def _per_unit(g: AttributionGraph) -> tuple[Tensor, Tensor]:
+    """``(A, M)``: the adjacency and its per-unit-activation version (feature columns divided by ``a``)."""
+    a = g.adjacency
     m = torch.zeros_like(a)
     nf = g.n_features
-    m[:, :nf] = a[:, :nf] / g.activations.double().clamp_min(1e-12)[None]
-    eye = torch.eye(a.shape[0], dtype=torch.float64)
-    return torch.linalg.solve(eye - m, a)
+    m[:, :nf] = a[:, :nf] / g.activations.to(a.dtype).clamp_min(1e-12)[None]
+    return a, m
+
+
+def _series(step: Any, start: Tensor, n: int) -> Tensor:
+    """``start + step(start) + step(step(start)) + ...`` for a nilpotent ``step`` (an acyclic graph)."""
+    total, term = start.clone(), start
+    for _ in range(n):
+        term = step(term)
+        if not bool(term.any()):
+            return total
+        total = total + term
+    raise ValueError("the adjacency has a cycle: an attribution graph is acyclic")
+
+
+def total_effect_columns(g: AttributionGraph, sources: Sequence[int]) -> Tensor:
+    """``[N, len(sources)]``: columns ``s`` of ``(I - M)^-1 A``, the graph's linear prediction of every node's
+    change per unit of each source's write, through the features in between."""
+    a, m = _per_unit(g)
+    return _series(lambda x: m @ x, a[:, list(sources)], a.shape[0])
+
+
+def total_effect_row(g: AttributionGraph, target: int) -> Tensor:
+    """``[N]``: row ``target`` of ``(I - M)^-1 A`` (every source's predicted total effect on one target)."""
+    a, m = _per_unit(g)
+    e = torch.zeros(a.shape[0], dtype=a.dtype)
+    e[target] = 1.0
+    return _series(lambda u: u @ m, e, a.shape[0]) @ a
 
 
 @dataclass(frozen=True)
@@ -89,7 +115,8 @@ class InterventionReport:
     n_pairs: int
     """(ablated feature, later node) pairs in the correlation."""
     top_drop: float
-    """Drop of the target's demeaned logit when the top-``k`` features are ablated together."""
+    """Drop of the target's demeaned logit when the ``k`` features with the largest predicted support for it
+    are ablated together."""
     random_drop: float
     """Mean absolute drop for ``k`` random active features of matched total activation."""
     k: int
@@ -101,16 +128,17 @@ class InterventionReport:
 
 def check_graph(model: nn.Module, transcoders: Sequence[SAE], g: AttributionGraph, influence: Tensor,
                 n_ablate: int = 10, k: int = 10, n_random: int = 5, seed: int = 0) -> InterventionReport:
-    """Ablate each of the ``n_ablate`` most influential features alone (correlations), then the top ``k``
-    together against ``n_random`` matched random sets (drop ratio). ``influence [N]`` ranks the nodes."""
+    """Ablate each of the ``n_ablate`` most influential features alone (correlations; ``influence [N]`` ranks
+    the nodes), then the ``k`` with the largest predicted support for the target together against
+    ``n_random`` matched random sets (drop ratio)."""
     ids = g.tokens
     target = int(g.logit_tokens[0])
     nf = g.n_features
     feats = g.active_features
     acts = g.activations.double()
     base_logit, base_pre = _read(model, transcoders, ids, target, feats)
-    top = influence[:nf].argsort(descending=True)[:max(n_ablate, k)].tolist()
-    tot = _total_effect(g)
+    top = influence[:nf].argsort(descending=True)[:n_ablate].tolist()
+    tot = total_effect_columns(g, top)
     meas, pred_t, pred_d = [], [], []
     for s in top[:n_ablate]:
         layer, pos, f = (int(v) for v in feats[s])
@@ -119,8 +147,8 @@ def check_graph(model: nn.Module, transcoders: Sequence[SAE], g: AttributionGrap
         later = (feats[:, 0] > layer).nonzero(as_tuple=True)[0]
         meas += [lg - base_logit, *(pre[later] - base_pre[later]).tolist()]
         rows = [g.logit_start, *later.tolist()]
-        pred_t += (-tot[rows, s]).tolist()
-        pred_d += (-g.adjacency.double()[rows, s]).tolist()
+        pred_t += (-tot[rows, top.index(s)]).tolist()
+        pred_d += (-g.adjacency[rows, s]).tolist()
     r_t = float(np.corrcoef(meas, pred_t)[0, 1]) if len(meas) > 2 else float("nan")
     r_d = float(np.corrcoef(meas, pred_d)[0, 1]) if len(meas) > 2 else float("nan")
 
@@ -131,7 +159,7 @@ def check_graph(model: nn.Module, transcoders: Sequence[SAE], g: AttributionGrap
         return base_logit - lg
 
     k = min(k, nf)
-    top_k = top[:k]
+    top_k = total_effect_row(g, g.logit_start)[:nf].argsort(descending=True)[:k].tolist()
     top_drop = drop(top_k)
     rng = np.random.default_rng(seed)
     want = float(acts[top_k].sum())

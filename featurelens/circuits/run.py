@@ -47,6 +47,8 @@ class GraphConfig:
     """Pruning keeps the edges holding this fraction of the edge influence."""
     batch_size: int = 32
     """Targets per backward pass (copies of the prompt in one batch)."""
+    head_edges: int = 300
+    """How many of the strongest pruned edges between positions get their attention heads (0: none)."""
     check: bool = True
     """Check the graph by ablating its most influential features in the real model."""
     n_ablate: int = 10
@@ -66,7 +68,7 @@ class GraphConfig:
         from featurelens.configs import check_device, check_ranges
 
         check_ranges(self, positive=("max_logits", "batch_size", "n_ablate", "top_k"),
-                     non_negative=("context_tokens", "seed"), fractions=("logit_prob", "node_threshold", "edge_threshold"))
+                     non_negative=("context_tokens", "seed", "head_edges"), fractions=("logit_prob", "node_threshold", "edge_threshold"))
         if not self.prompt.strip():
             raise UsageError("--prompt is empty: give the text whose next-token prediction the graph explains")
         if not self.transcoders.strip():
@@ -148,6 +150,7 @@ def run_graph(cfg: GraphConfig, lm: LoadedModel | None = None, transcoders: list
             if progress:
                 print("graph: checking the top features by ablation in the real model", file=sys.stderr)
             check = check_graph(lm.model, tcs, g, pruned.influence, n_ablate=cfg.n_ablate, k=cfg.top_k, seed=cfg.seed)
+        heads = _heads(lm, tcs, g, pruned, cfg.head_edges)
         kept = [i for i in pruned.node_mask.nonzero(as_tuple=True)[0].tolist() if g.kind(i) == "feature"]
         feats = sorted({(int(g.active_features[i, 0]), int(g.active_features[i, 2])) for i in kept})
         outs = output_tokens(lm.model, tcs, feats, tok)
@@ -172,11 +175,12 @@ def run_graph(cfg: GraphConfig, lm: LoadedModel | None = None, transcoders: list
             "replacement_score": replacement, "completeness_score": completeness,
             "seconds_attribution": g.meta["seconds"], "seconds_pruning": t_prune,
             "check": None if check is None else {**asdict(check), "drop_ratio": check.drop_ratio},
+            "head_edges": len(heads),
         }
         scores = {"replacement": replacement, "completeness": completeness}
         data = graph_json(g, pruned, tok, slug=Path(cfg.out).name or "graph", scan=lm.name,
                           transcoder_list=[t.cfg.hook_name for t in tcs], node_threshold=cfg.node_threshold,
-                          extra={"details": details, "scores": scores, "check": summary["check"]})
+                          extra={"details": details, "scores": scores, "check": summary["check"], "heads": heads})
         out = make_out(cfg.out, REPORT_KIND)
         g.save(out / "graph.safetensors")
         atomic_write_bytes(out / "graph.json", dumps_strict(data).encode())
@@ -184,3 +188,25 @@ def run_graph(cfg: GraphConfig, lm: LoadedModel | None = None, transcoders: list
         summary["viewer"] = str(out / "index.html")
         atomic_write_bytes(out / "summary.json", dumps_strict(summary).encode())
     return summary
+
+
+def _heads(lm: LoadedModel, tcs: list[SAE], g: Any, pruned: Any, n: int) -> dict[str, list[list[float]]]:
+    """``{"source->target": [[layer, head, share], ...]}`` (three largest by size) for the ``n`` strongest
+    pruned edges between different positions."""
+    from featurelens.circuits.heads import edge_heads
+
+    if n <= 0:
+        return {}
+    dst, src = pruned.edge_mask.nonzero(as_tuple=True)
+    cand = [(int(t), int(s)) for t, s in zip(dst.tolist(), src.tolist())
+            if g.node_layer_pos(t)[1] != g.node_layer_pos(s)[1] and g.kind(t) in ("feature", "logit")]
+    cand.sort(key=lambda e: -abs(float(g.adjacency[e])))
+    cand = cand[:n]
+    shares = edge_heads(lm.model, tcs, g, cand)
+    out = {}
+    for (t, s), m in shares.items():
+        w = float(g.adjacency[t, s])
+        flat = [(float(m[la, h]), la, h) for la in range(m.shape[0]) for h in range(m.shape[1])]
+        flat.sort(key=lambda v: -abs(v[0]))
+        out[f"{g.node_id(s)}->{g.node_id(t)}"] = [[la, h, round(c / w, 4) if w else 0.0] for c, la, h in flat[:3]]
+    return out

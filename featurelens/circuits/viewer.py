@@ -4,7 +4,7 @@ few hundred lines of our own JavaScript, inlined). Opens from the file system.
 Layout: one column per prompt position, one row per layer (token embeddings at the bottom, logits on
 top); features are circles, errors squares. Edge width follows |weight|, colour its sign; hovering an edge
 or node shows its numbers. Clicking a node shows its details (activation, influence, strongest inputs and
-outputs, the tokens its decoder promotes and suppresses, its top activating contexts with every token
+outputs with the attention heads that carry them between positions, the tokens its decoder promotes and suppresses, its top activating contexts with every token
 shaded by activation). Nodes can be pinned and pinned nodes grouped into named supernodes; the state
 (circuit-tracer's ``qParams``: ``pinnedIds``, ``supernodes``, ``clickedId``) can be downloaded, and is read
 from the URL hash on load (``#clickedId=ID&pinnedIds=A,B``).
@@ -44,7 +44,7 @@ _JS = r"""
 (function(){
 const G = JSON.parse(document.getElementById('graph-data').textContent);
 const NS = 'http://www.w3.org/2000/svg';
-const meta = G.metadata, extra = G.featurelens || {}, details = extra.details || {};
+const meta = G.metadata, extra = G.featurelens || {}, details = extra.details || {}, heads = extra.heads || {};
 const q = Object.assign({pinnedIds: [], supernodes: [], clickedId: ''}, G.qParams || {});
 const hash = new URLSearchParams(location.hash.slice(1));
 if (hash.get('clickedId')) q.clickedId = hash.get('clickedId');
@@ -168,7 +168,10 @@ function select(id){
     d.appendChild(el('h4', 'strongest ' + dir));
     const tb = el('table');
     ls.forEach(l => { const tr = el('tr'); const a = el('td', l[other]); a.style.cursor = 'pointer';
-      a.addEventListener('click', () => select(l[other])); tr.appendChild(a); tr.appendChild(el('td', l.weight.toPrecision(4))); tb.appendChild(tr); });
+      a.addEventListener('click', () => select(l[other])); tr.appendChild(a); tr.appendChild(el('td', l.weight.toPrecision(4)));
+      const hv = heads[l.source + '->' + l.target];
+      tr.appendChild(el('td', hv ? 'via ' + hv.map(v => 'L' + v[0] + '.H' + v[1] + ' ' + v[2].toFixed(2)).join(', ') : '', 'small'));
+      tb.appendChild(tr); });
     d.appendChild(tb);
   }
   linkEls.forEach(e => e.style.strokeOpacity = (e.dataset.source === id || e.dataset.target === id) ? '0.95' : '0.12');

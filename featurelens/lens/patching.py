@@ -165,8 +165,9 @@ def _head_slices(sm: SiteMap, layer: int) -> tuple[nn.Module, int]:
     """The attention output projection of ``layer`` (its input holds the heads side by side) and the
     width of one head's slice."""
     from featurelens.lens.attribution import _out_weight
+    from featurelens.models.sites import _get
 
-    o_proj = sm.writer_modules(layer)[0]
+    o_proj = _get(sm.blocks[layer], sm.family.writers[0])  # only this one: the MLP may be stubbed out
     return o_proj, _out_weight(sm, o_proj).shape[1] // sm.n_heads
 
 

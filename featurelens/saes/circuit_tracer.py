@@ -53,9 +53,17 @@ def _tensors(tc: SAE) -> dict[str, Tensor]:
     return t
 
 
+_CT_HOOKS = {"ln2.hook_normalized": "mlp.hook_in"}
+"""Our site kind -> the hook name circuit-tracer's model mappings know it by (``mlp.hook_in`` is mapped for
+Llama-family and Gemma 3 models; for Gemma 2 pass ``input_hook="ln2.hook_normalized"``)."""
+_FROM_CT = {"mlp.hook_in": "ln2.hook_normalized", "mlp.hook_out": "hook_mlp_out"}
+
+
 def save_circuit_tracer(transcoders: Sequence[SAE], path: str | os.PathLike[str], scan: str = "",
-                        overwrite: bool = False) -> Path:
-    """Write one transcoder per block ``0 .. N-1`` in circuit-tracer's layout (a whole folder, then rename)."""
+                        overwrite: bool = False, input_hook: str | None = None) -> Path:
+    """Write one transcoder per block ``0 .. N-1`` in circuit-tracer's layout (a whole folder, then rename).
+    ``config.yaml`` names the input as circuit-tracer's mappings do (:data:`_CT_HOOKS`; ``input_hook``
+    overrides)."""
     from safetensors.torch import save_file
 
     from featurelens.atomic import atomic_dir
@@ -83,6 +91,7 @@ def save_circuit_tracer(transcoders: Sequence[SAE], path: str | os.PathLike[str]
     if sorted(by_layer) != list(range(len(by_layer))):
         raise UsageError(f"circuit-tracer's layout needs a transcoder for every block 0 .. N-1; got {sorted(by_layer)}")
     (k_in, k_out), = kinds
+    k_in = input_hook or _CT_HOOKS.get(k_in, k_in)
     with atomic_dir(path, KIND, overwrite=overwrite) as tmp:
         for layer, tc in by_layer.items():
             save_file(_tensors(tc), str(tmp / f"layer_{layer}.safetensors"))
@@ -112,6 +121,7 @@ def load_circuit_tracer(path: str | os.PathLike[str], device: str | torch.device
         raise UsageError(f"{p / 'config.yaml'} does not describe a per-layer transcoder set (model_kind: "
                          "transcoder_set); cross-layer transcoders are not read yet")
     k_in, k_out = str(cfg.get("feature_input_hook", "")), str(cfg.get("feature_output_hook", ""))
+    k_in, k_out = _FROM_CT.get(k_in, k_in), _FROM_CT.get(k_out, k_out)
     files = sorted(p.glob("layer_*.safetensors"), key=lambda f: int(f.stem.split("_")[1]) if f.stem[6:].isdigit() else -1)
     layers = [int(f.stem.split("_")[1]) for f in files if f.stem[6:].isdigit()]
     if not layers or layers != list(range(len(layers))):

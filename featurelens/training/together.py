@@ -58,7 +58,9 @@ def train_together(trainers: Sequence[Trainer], batches: Iterable[Sequence[Any]]
             if len(steps) != 1:
                 raise UsageError(f"the runs' checkpoints are at different steps {sorted(steps)}: they cannot "
                                  "resume together; remove the checkpoints of all to start afresh")
-            for _ in range(steps.pop()):  # skip what was consumed, once for everyone
+            at = steps.pop()
+            for _ in range(at if at < trainers[0].cfg.steps else 0):  # skip what was consumed, once for
+                # everyone; a finished run consumes nothing more, so it skips nothing (no model passes)
                 if next(it, None) is None:
                     raise FeatureLensError("the batch stream ended before the checkpoints' step: is it the same data?")
             views = [_pick(v, k, n) for k, v in enumerate(itertools.tee(it, n))]

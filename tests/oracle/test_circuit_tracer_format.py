@@ -53,7 +53,7 @@ def test_circuit_tracer_reads_ours_identically(arch: str, skip: bool, tmp_path: 
                                  feature_input_hook=cfg["feature_input_hook"],
                                  feature_output_hook=cfg["feature_output_hook"], device=torch.device("cpu"),
                                  lazy_encoder=False, lazy_decoder=False)
-    assert theirs.feature_input_hook == "ln2.hook_normalized" and theirs.feature_output_hook == "hook_mlp_out"
+    assert theirs.feature_input_hook == "mlp.hook_in" and theirs.feature_output_hook == "hook_mlp_out"
     x = torch.randn(50, D, generator=torch.Generator().manual_seed(5)) * 2
     for layer, tc in enumerate(ours):
         t = theirs[layer]

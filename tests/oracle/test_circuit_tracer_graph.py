@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from featurelens.saes import SAEConfig, get_architecture
 from featurelens.saes.base import SAE
 from featurelens.saes.circuit_tracer import save_circuit_tracer
-from featurelens.testing import tiny_model
+from featurelens.testing import random_transcoders, tiny_model
 
 pytest.importorskip("circuit_tracer", reason="circuit-tracer is not installed (see benchmarks/setup_peers.sh)")
 
@@ -34,21 +33,8 @@ def _folder(tmp: Path) -> tuple[Path, torch.nn.Module]:
     return out, model
 
 
-def _transcoders(arch: str, skip: bool, d: int = 64, width: int = 48) -> list[SAE]:
-    out = []
-    for layer in range(3):
-        cfg = SAEConfig(architecture=arch, d_in=d, d_sae=width, k=6, hook_name=f"blocks.{layer}.ln2.hook_normalized",
-                        target_hook_name=f"blocks.{layer}.hook_mlp_out", hook_layer=layer, apply_b_dec_to_input=False,
-                        skip=skip)
-        tc = get_architecture(arch)(cfg)
-        g = torch.Generator().manual_seed(20 + layer)
-        with torch.no_grad():
-            for p in tc.parameters():
-                p.add_(0.15 * torch.randn(p.shape, generator=g))
-            if arch == "jumprelu":
-                tc.log_threshold.copy_((0.2 * torch.rand(width, generator=g) + 0.02).log())
-        out.append(tc.eval())
-    return out
+def _transcoders(arch: str, skip: bool) -> list[SAE]:
+    return random_transcoders(arch, 3, 64, 48, skip=skip, scale=0.15, seed=20, k=6)
 
 
 @pytest.mark.parametrize(("arch", "skip"), [("relu", True), ("jumprelu", False)])
@@ -64,8 +50,12 @@ def test_graph_equals_circuit_tracer(arch: str, skip: bool, tmp_path: Path) -> N
     folder, model = _folder(tmp_path)
     ours_tc = _transcoders(arch, skip)
     path = save_circuit_tracer(ours_tc, tmp_path / "set")
+    import yaml
+
+    cfg = yaml.safe_load((path / "config.yaml").read_text())  # the hook names we write are ones it maps
     theirs_tc = load_transcoder_set({i: str(path / f"layer_{i}.safetensors") for i in range(3)}, scan="x",
-                                    feature_input_hook="mlp.hook_in", feature_output_hook="mlp.hook_out",
+                                    feature_input_hook=cfg["feature_input_hook"],
+                                    feature_output_hook=cfg["feature_output_hook"],
                                     device=torch.device("cpu"), lazy_encoder=False, lazy_decoder=False)
     rm = ReplacementModel.from_pretrained_and_transcoders(str(folder), theirs_tc, backend="nnsight", device="cpu",
                                                           dtype=torch.float32)

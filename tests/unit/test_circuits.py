@@ -22,25 +22,11 @@ from featurelens.circuits.prune import graph_scores, node_influence, prune
 from featurelens.errors import UsageError
 from featurelens.saes import SAEConfig, get_architecture
 from featurelens.saes.base import SAE
-from featurelens.testing import TINY_FAMILIES, tiny_model
+from featurelens.testing import TINY_FAMILIES, random_transcoders, tiny_model
 
 
-def _transcoders(arch: str, n_layers: int = 3, d: int = 64, width: int = 40, skip: bool = True,
-                 dtype: torch.dtype = torch.float64) -> list[SAE]:
-    out = []
-    for layer in range(n_layers):
-        cfg = SAEConfig(architecture=arch, d_in=d, d_sae=width, k=5, hook_name=f"blocks.{layer}.ln2.hook_normalized",
-                        target_hook_name=f"blocks.{layer}.hook_mlp_out", hook_layer=layer, apply_b_dec_to_input=False,
-                        skip=skip)
-        tc = get_architecture(arch)(cfg)
-        g = torch.Generator().manual_seed(layer)
-        with torch.no_grad():
-            for p in tc.parameters():
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-            if arch == "jumprelu":
-                tc.log_threshold.copy_((0.1 * torch.rand(width, generator=g) + 0.01).log())
-        out.append(tc.to(dtype).eval())
-    return out
+def _transcoders(arch: str, skip: bool = True, dtype: torch.dtype = torch.float64, d: int = 64) -> list[SAE]:
+    return random_transcoders(arch, 3, d, 40, skip=skip, dtype=dtype)
 
 
 IDS = torch.tensor([1, 40, 17, 99, 5, 63, 17, 40, 88])
@@ -233,3 +219,64 @@ def test_graph_command_writes_viewer_json_and_adjacency(tiny_llama, tmp_path: Pa
     c = res["check"]
     assert c["k"] == 3 and c["n_pairs"] > 3
     assert (out / "index.html").read_text().count("graph-data") == 2
+
+
+def test_head_shares_equal_freezing_that_head() -> None:
+    """Edge s -> t through head (L, h) = what freezing the head at its clean output takes from the edge,
+    measured by forward passes of the frozen model (source removed, head fixed) for every head."""
+    from featurelens.circuits.graph import _nodes
+    from featurelens.circuits.heads import edge_heads, head_inputs
+
+    model = tiny_model("llama").double()
+    tcs = _transcoders("topk")
+    g = attribute(model, tcs, IDS, progress=False)
+    cross = [(t, s) for t in range(g.n_features) for s in range(g.n_features)
+             if g.adjacency[t, s] != 0 and int(g.active_features[t, 1]) != int(g.active_features[s, 1])]
+    cross.sort(key=lambda e: -float(g.adjacency[e].abs()))
+    tok = [(g.logit_start, g.token_start + 3)]  # a token -> logit edge across positions
+    shares = edge_heads(model, tcs, g, cross[:3] + tok, batch_size=2)
+    lr = LocalReplacement(model, tcs)
+    clean = lr.clean(IDS)
+    nd = _nodes(lr, clean, 1)
+    src0 = list(nd.src)
+    with torch.no_grad(), lr.frozen(clean, nd.src) as run:
+        z0: list[list[torch.Tensor]] = []
+        with head_inputs(model, z0) as dh:
+            run(clean.embed[None], [s[None] for s in src0])
+        for t, s in cross[:1] + tok:
+            emb, src = clean.embed.clone(), [v.clone() for v in src0]
+            if g.kind(s) == "feature":
+                layer, pos, f = (int(v) for v in g.active_features[s])
+                src[layer][pos] -= g.activations[s] * tcs[layer].W_dec[f]
+            else:
+                emb[s - g.token_start] = 0
+
+            def value(fix: dict, emb: torch.Tensor = emb, src: list = src, t: int = t) -> torch.Tensor:
+                with head_inputs(model, [], fix=fix):
+                    lg, x_in = run(emb[None], [v[None] for v in src])
+                if g.kind(t) == "logit":
+                    tk = int(g.logit_tokens[0])
+                    return lg[0, tk] - lg[0].mean()
+                la, pos, f = (int(v) for v in g.active_features[t])
+                return x_in[la][0, pos] @ tcs[la].W_enc[:, f]
+            removed = value({})
+            for la in range(3):
+                for h in range(4):
+                    frozen_head = value({(la, h): z0[la][-1][0][:, h * dh:(h + 1) * dh]})
+                    torch.testing.assert_close(shares[(t, s)][la, h], frozen_head - removed, rtol=1e-7, atol=1e-12)
+            assert float(shares[(t, s)].abs().max()) > 1e-4
+
+
+def test_total_effect_series_equals_the_dense_inverse() -> None:
+    from featurelens.circuits.interventions import total_effect_columns, total_effect_row
+
+    model = tiny_model("llama").double()
+    g = attribute(model, _transcoders("relu"), IDS, progress=False)
+    a = g.adjacency.double()
+    m = torch.zeros_like(a)
+    m[:, :g.n_features] = a[:, :g.n_features] / g.activations[None]
+    dense = torch.linalg.solve(torch.eye(a.shape[0], dtype=torch.float64) - m, a)  # (I - M)^-1 A
+    cols = [0, g.n_features // 2, g.token_start + 2]
+    torch.testing.assert_close(total_effect_columns(g, cols), dense[:, cols])
+    torch.testing.assert_close(total_effect_row(g, g.logit_start), dense[g.logit_start])
+    assert float((dense[:, cols] - a[:, cols]).abs().max()) > 1e-6  # paths through features do add something

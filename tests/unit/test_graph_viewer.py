@@ -58,7 +58,8 @@ def test_viewer_renders_a_known_graph_in_chromium(tmp_path: Path) -> None:
     data = graph_json(g, p, lambda t: names.get(t, "?"), slug="t", scan="tiny", transcoder_list=[],
                       node_threshold=1.0, extra={"details": {"1_12_2": {"promotes": ["up"], "suppresses": ["down"],
                                                                          "contexts": []}},
-                                                 "scores": {"replacement": 0.5, "completeness": 0.9}})
+                                                 "scores": {"replacement": 0.5, "completeness": 0.9},
+                                                 "heads": {"E_33_1->1_12_2": [[0, 1, 0.75], [1, 3, -0.1]]}})
     page = write_viewer(tmp_path / "index.html", data, "test graph <i>")
     clicked, pins = "1_12_2", ["0_1_1", "1_11_1"]
     url = page.absolute().as_uri() + f"#clickedId={clicked}&pinnedIds={','.join(pins)}"
@@ -80,5 +81,6 @@ def test_viewer_renders_a_known_graph_in_chromium(tmp_path: Path) -> None:
     for pid in pins:
         assert re.search(rf'class="node[^"]*pinned[^"]*" data-id="{pid}"', dom)
     assert "promotes: \"up\"" in dom and "strongest inputs" in dom
+    assert "via L0.H1 0.75, L1.H3 -0.10" in dom  # the heads carrying the clicked node's input edge
     assert "a&lt;/script&gt;" in dom  # the token text stayed text (drawn as an axis label)
     assert "<i>" not in dom.split("<body>")[1].split("</h1>")[0]   # the title was escaped
