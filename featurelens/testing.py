@@ -116,7 +116,7 @@ def random_transcoders(arch: str, n_layers: int, d: int, width: int, skip: bool 
         cfg = SAEConfig(architecture=arch, d_in=d, d_sae=width, k=k, hook_name=f"blocks.{layer}.ln2.hook_normalized",
                         target_hook_name=f"blocks.{layer}.hook_mlp_out", hook_layer=layer, apply_b_dec_to_input=False,
                         skip=skip)
-        tc = get_architecture(arch)(cfg)
+        tc: Any = get_architecture(arch)(cfg)
         g = torch.Generator().manual_seed(seed + layer)
         with torch.no_grad():
             for p in tc.parameters():

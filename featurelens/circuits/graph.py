@@ -212,6 +212,13 @@ def _nodes(lr: LocalReplacement, clean: CleanPass, zero_first: int) -> _Nodes:
     return _Nodes(torch.cat(feats), torch.cat(acts), dec, torch.cat(enc), torch.stack(errs), torch.stack(srcs), groups)
 
 
+def target_sum(specs: Sequence[tuple[int, int, Tensor | None]], demeaned: Tensor, x_in: Sequence[Tensor]) -> Tensor:
+    """The sum over batch copies ``b`` of target ``b``'s value in the frozen pass: ``(-1, token, None)`` is
+    a demeaned logit, ``(layer, position, encoder vector)`` a feature's encoder input."""
+    return torch.stack([demeaned[b, i] if vec is None else x_in[layer][b, i] @ vec
+                        for b, (layer, i, vec) in enumerate(specs)]).sum()
+
+
 def attribute(model: nn.Module, transcoders: Sequence[SAE], ids: Tensor, *, max_logits: int = 10,
               logit_prob: float = 0.95, batch_size: int = 32, zero_first: int = 1, progress: bool = True,
               meta: dict[str, Any] | None = None) -> AttributionGraph:
@@ -242,14 +249,9 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE], ids: Tensor, *, max_
         demeaned = logits - logits.mean(-1, keepdim=True)
         for c in range(0, len(order), B):
             chunk = order[c:c + B]
-            terms = []
-            for b, (kind, j) in enumerate(chunk):
-                if kind == "logit":
-                    terms.append(demeaned[b, int(lt[j])])
-                else:
-                    layer, pos = int(nd.feats[j, 0]), int(nd.feats[j, 1])
-                    terms.append(x_in[layer][b, pos] @ nd.enc[j].to(dtype))
-            grads = torch.autograd.grad(torch.stack(terms).sum(), [emb, *src], retain_graph=c + B < len(order),
+            specs = [(-1, int(lt[j]), None) if kind == "logit" else
+                     (int(nd.feats[j, 0]), int(nd.feats[j, 1]), nd.enc[j].to(dtype)) for kind, j in chunk]
+            grads = torch.autograd.grad(target_sum(specs, demeaned, x_in), [emb, *src], retain_graph=c + B < len(order),
                                         allow_unused=True)
             nb = len(chunk)
             rows = torch.zeros(nb, N, dtype=dtype)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from featurelens.circuits.graph import AttributionGraph, _nodes
+from featurelens.circuits.graph import AttributionGraph, _nodes, encoder_matrix, target_sum
 from featurelens.circuits.local import LocalReplacement
 from featurelens.lens.patching import _head_slices
 from featurelens.models.hooks import replace_input_hook
@@ -51,6 +51,13 @@ def head_inputs(model: nn.Module, store: list[list[Tensor]], fix: dict[tuple[int
             handle = o_proj.register_forward_pre_hook(replace_input_hook(rec), with_kwargs=True)
             stack.callback(handle.remove)
         yield dh
+
+
+def _spec(g: AttributionGraph, lr: LocalReplacement, t: int, dtype: torch.dtype) -> tuple[int, int, Tensor | None]:
+    if g.kind(t) == "logit":
+        return -1, int(g.logit_tokens[t - g.logit_start]), None
+    la, pos, f = (int(v) for v in g.active_features[t])
+    return la, pos, encoder_matrix(lr.transcoders[la])[:, f].to(dtype)
 
 
 def edge_heads(model: nn.Module, transcoders: Sequence[SAE], g: AttributionGraph, edges: Sequence[tuple[int, int]],
@@ -104,14 +111,9 @@ def edge_heads(model: nn.Module, transcoders: Sequence[SAE], g: AttributionGraph
         demeaned = logits - logits.mean(-1, keepdim=True)
         for c in range(0, len(targets), B):
             chunk = targets[c:c + B]
-            terms = []
-            for b, t in enumerate(chunk):
-                if g.kind(t) == "logit":
-                    terms.append(demeaned[b, int(g.logit_tokens[t - g.logit_start])])
-                else:
-                    layer, pos, f = (int(v) for v in g.active_features[t])
-                    terms.append(x_in[layer][b, pos] @ lr.transcoders[layer].W_enc[:, f].to(dtype))
-            gz = torch.autograd.grad(torch.stack(terms).sum(), zs, retain_graph=c + B < len(targets), allow_unused=True)
+            specs = [_spec(g, lr, t, dtype) for t in chunk]
+            gz = torch.autograd.grad(target_sum(specs, demeaned, x_in), zs, retain_graph=c + B < len(targets),
+                                     allow_unused=True)
             for b, t in enumerate(chunk):
                 grads[t] = [torch.zeros(T, zs[la].shape[-1], dtype=dtype) if gz[la] is None else gz[la][b].detach()
                             for la in range(L)]
