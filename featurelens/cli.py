@@ -92,7 +92,8 @@ class TrainSource:
     context_length: int = 128
     """Context length when streaming."""
     arch: str = "topk"
-    """Architecture(s), comma-separated: relu, relu_unitnorm, gated, jumprelu, topk, batchtopk, matryoshka."""
+    """Architecture(s), comma-separated: relu, relu_unitnorm, gated, jumprelu, topk, batchtopk, matryoshka; clt
+    (a cross-layer transcoder over --layers: --width and --k are then per layer; saved to --out/<name>)."""
     width: str = "4096"
     """Number(s) of latents, comma-separated; the grid arch x width x k x sparsity_coeff is trained at once."""
     k: str = "32"
@@ -133,7 +134,7 @@ def _grid(src: TrainSource) -> list:
 
     specs = []
     for arch in split(src.arch, str, "arch"):
-        topk_like = arch in ("topk", "batchtopk", "matryoshka")
+        topk_like = arch in ("topk", "batchtopk", "matryoshka", "clt")
         for width in split(src.width, int, "width"):
             for k in split(src.k, int, "k") if topk_like else [32]:
                 for c in [0.0] if topk_like else split(src.sparsity_coeff, float, "sparsity-coeff"):
@@ -200,7 +201,13 @@ def _train_layer_set(src: TrainSource, cfg: Any, specs: list) -> int:
     from featurelens.distributed import rank_and_world
     from featurelens.models.loading import load_model
     from featurelens.models.sites import SiteMap
-    from featurelens.training.together import layer_set_trainers, parse_layers, train_together
+    from featurelens.training.together import (
+        clt_trainer,
+        concat_pairs,
+        layer_set_trainers,
+        parse_layers,
+        train_together,
+    )
 
     if src.acts or not (src.model and src.site and src.target_site):
         raise UsageError("--layers streams from a model: give --model M, --site KIND and --target-site KIND "
@@ -215,6 +222,16 @@ def _train_layer_set(src: TrainSource, cfg: Any, specs: list) -> int:
     layers = parse_layers(src.layers, SiteMap(lm.model).n_layers)
     contexts = pack_contexts(iter_texts(src.corpus, "train"), lm.tokenizer, src.context_length,
                              source_name=f"text source {src.corpus!r}")
+    if any(s.arch == "clt" for s in specs):
+        clt, pairs = clt_trainer(lm, layers, src.site, src.target_site, specs, cfg, contexts, src.context_length)
+        stream = stream_batches(lm, "", cfg.batch_size, contexts=contexts, seed=cfg.seed, pairs=pairs,
+                                buffer_rows=max(2 * cfg.batch_size, (1 << 16) // len(pairs)))
+        clt.train(concat_pairs(stream))
+        for r in clt.runs:
+            last = r.log[-1] if r.log else {}
+            print(json.dumps({"clt": str(clt.out / r.name), "fvu": last.get("fvu"), "l0": last.get("l0"),
+                              "dead_frac": last.get("dead_frac")}))
+        return 0
     trainers, pairs = layer_set_trainers(lm, layers, src.site, src.target_site, specs, cfg, contexts,
                                          src.context_length)
     batches = stream_batches(lm, "", cfg.batch_size, contexts=contexts, seed=cfg.seed, pairs=pairs,

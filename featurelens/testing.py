@@ -128,3 +128,23 @@ def random_transcoders(arch: str, n_layers: int, d: int, width: int, skip: bool 
                 tc.threshold_initialised.fill_(True)
         out.append(tc.to(dtype).eval())
     return out
+
+
+def random_clt(n_layers: int, d: int, width: int, skip: bool = True, scale: float = 0.1, seed: int = 0, k: int = 5,
+               threshold: float = 0.2, dtype: torch.dtype = torch.float32) -> Any:
+    """A randomly perturbed cross-layer transcoder over blocks ``0 .. n_layers-1`` (``ln2.hook_normalized`` ->
+    ``hook_mlp_out``), in eval mode, per-layer thresholds at ``threshold``."""
+    from featurelens.saes import SAEConfig
+    from featurelens.saes.clt import CrossLayerTranscoder
+
+    cfg = SAEConfig(architecture="clt", d_in=d * n_layers, d_sae=width * n_layers, k=k,
+                    hook_name="blocks.*.ln2.hook_normalized", target_hook_name="blocks.*.hook_mlp_out",
+                    apply_b_dec_to_input=False, skip=skip, extra={"n_layers": n_layers})
+    clt = CrossLayerTranscoder(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in clt.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+        clt.threshold.fill_(threshold)
+        clt.threshold_initialised.fill_(True)
+    return clt.to(dtype).eval()

@@ -18,8 +18,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from featurelens.circuits.graph import AttributionGraph
+from featurelens.circuits.local import model_stack
 from featurelens.circuits.prune import Pruned
-from featurelens.saes.base import SAE
+from featurelens.saes.stack import Transcoders
 
 
 def _cantor(x: int, y: int) -> int:
@@ -78,13 +79,14 @@ def graph_json(g: AttributionGraph, pruned: Pruned, token_str: Any, slug: str, s
 
 
 @torch.no_grad()
-def output_tokens(model: nn.Module, transcoders: Sequence[SAE], feats: Sequence[tuple[int, int]], token_str: Any,
+def output_tokens(model: nn.Module, transcoders: Transcoders, feats: Sequence[tuple[int, int]], token_str: Any,
                   n: int = 5) -> dict[tuple[int, int], dict[str, list[str]]]:
     """Tokens each feature's decoder direction promotes and suppresses most through the unembedding."""
     w_u = model.get_output_embeddings().weight  # type: ignore[operator]
+    st = model_stack(model, transcoders)
     out = {}
     for layer, f in feats:
-        d = transcoders[layer].W_dec[f].to(w_u.dtype)
+        d = st.decoder_rows(layer, torch.tensor([f]))[0].sum(0).to(w_u.dtype)  # a CLT feature: all its writes
         logits = w_u @ d
         up = logits.topk(n).indices.tolist()
         down = (-logits).topk(n).indices.tolist()
@@ -93,7 +95,7 @@ def output_tokens(model: nn.Module, transcoders: Sequence[SAE], feats: Sequence[
 
 
 @torch.no_grad()
-def top_contexts(model: nn.Module, transcoders: Sequence[SAE], feats: Sequence[tuple[int, int]], tokens: Tensor,
+def top_contexts(model: nn.Module, transcoders: Transcoders, feats: Sequence[tuple[int, int]], tokens: Tensor,
                  token_str: Any, n: int = 3, window: int = 12) -> dict[tuple[int, int], list[dict[str, Any]]]:
     """For each ``(layer, feature)``, the ``n`` contexts of ``tokens [n_ctx, ctx_len]`` where it fires most:
     the tokens up to ``window`` before the peak, each with its activation."""
@@ -105,6 +107,7 @@ def top_contexts(model: nn.Module, transcoders: Sequence[SAE], feats: Sequence[t
     by_layer: dict[int, list[int]] = {}
     for la, f in feats:
         by_layer.setdefault(la, []).append(f)
+    st = model_stack(model, transcoders)
     acts: dict[int, list[Tensor]] = {la: [] for la in layers}
     dev = next(model.parameters()).device
     for b in range(0, len(tokens), 8):
@@ -112,8 +115,7 @@ def top_contexts(model: nn.Module, transcoders: Sequence[SAE], feats: Sequence[t
         with ActivationCapture(model, [f"blocks.{la}.ln2.hook_normalized" for la in layers]) as cap:
             x = cap.forward(batch)
         for la in layers:
-            tc = transcoders[la]
-            a = tc.encode(x[f"blocks.{la}.ln2.hook_normalized"].to(tc.W_enc.dtype))
+            a = st.encode(la, x[f"blocks.{la}.ln2.hook_normalized"].to(st.dtype))
             acts[la].append(a[..., by_layer[la]].float().cpu())
     out: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for la in layers:

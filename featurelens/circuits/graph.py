@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from featurelens.circuits.local import CleanPass, LocalReplacement
 from featurelens.errors import UsageError
-from featurelens.saes.base import SAE
+from featurelens.saes.stack import Transcoders
 
 
 @dataclass(frozen=True)
@@ -164,52 +164,50 @@ def logit_targets(probs: Tensor, max_n: int = 10, cum_prob: float = 0.95) -> tup
     return idx[:n], p[:n]
 
 
-def encoder_matrix(tc: SAE) -> Tensor:
-    """``[d_in, d_sae]``: column ``f`` is the linear functional of the input giving feature ``f``'s
-    pre-activation (the magnitude path for a gated dictionary)."""
-    r_mag = getattr(tc, "r_mag", None)
-    if isinstance(r_mag, Tensor):
-        return tc.W_enc * r_mag.exp()
-    return tc.W_enc
-
-
 @dataclass(frozen=True)
 class _Nodes:
     feats: Tensor        # [n, 3] (layer, pos, feature)
     acts: Tensor         # [n]
-    dec: list[Tensor]    # per layer [n_l, d]: activation * decoder row
     enc: Tensor          # [n, d] encoder functional
     err: Tensor          # [L, T, d]
     src: Tensor          # [L, T, d] node part of each MLP output
-    groups: list[tuple[int, int, slice, Tensor]]  # (layer, position, node columns, [d, n] scaled decoders)
+    groups: list[tuple[int, int, int, slice, Tensor]]
+    """(first output layer, output layers, position, node columns, ``[n_out * d, n]`` scaled decoders)."""
 
 
 @torch.no_grad()
 def _nodes(lr: LocalReplacement, clean: CleanPass, zero_first: int) -> _Nodes:
-    feats, acts, dec, enc, errs, srcs, groups = [], [], [], [], [], [], []
+    st = lr.stack
+    L = st.n_layers
+    feats, acts, enc, groups = [], [], [], []
+    part = [torch.zeros_like(clean.mlp_out[m], dtype=st.dtype) for m in range(L)]  # what the nodes write
     start = 0
-    for layer, tc in enumerate(lr.transcoders):
-        x = clean.x_in[layer].to(tc.W_enc.dtype)
-        a = tc.encode(x)
+    for layer in range(L):
+        x = clean.x_in[layer].to(st.dtype)
+        a = st.encode(layer, x)
         a[:zero_first] = 0
-        recon = tc.decode(a) + lr._skip(layer, x)
-        err = clean.mlp_out[layer].to(a.dtype) - recon
-        err[:zero_first] = 0
+        w = st.write(layer, a)
+        for j in range(w.shape[0]):
+            part[layer + j] += w[j]
         pos, f = a.nonzero(as_tuple=True)  # sorted by position, then feature
         v = a[pos, f]
         feats.append(torch.stack([torch.full_like(pos, layer), pos, f], 1))
         acts.append(v)
-        d = v[:, None] * tc.W_dec[f]
-        dec.append(d)
-        enc.append(encoder_matrix(tc)[:, f].T)
-        errs.append(err)
-        srcs.append(a @ tc.W_dec + err)
+        enc.append(st.encoder(layer)[:, f].T)
+        d = (v[:, None, None] * st.decoder_rows(layer, f)).flatten(1)  # [n, n_out * d]
         for p in pos.unique().tolist():
             idx = (pos == p).nonzero(as_tuple=True)[0]
             lo, hi = int(idx[0]), int(idx[-1]) + 1
-            groups.append((layer, p, slice(start + lo, start + hi), d[lo:hi].T.contiguous()))
+            groups.append((layer, st.n_out(layer), p, slice(start + lo, start + hi), d[lo:hi].T.contiguous()))
         start += len(v)
-    return _Nodes(torch.cat(feats), torch.cat(acts), dec, torch.cat(enc), torch.stack(errs), torch.stack(srcs), groups)
+    errs, srcs = [], []
+    for m in range(L):
+        recon = part[m] + st.bias(m).to(part[m].dtype) + st.skip(m, clean.x_in[m].to(st.dtype))
+        err = clean.mlp_out[m].to(recon.dtype) - recon
+        err[:zero_first] = 0
+        errs.append(err)
+        srcs.append(part[m] + err)
+    return _Nodes(torch.cat(feats), torch.cat(acts), torch.cat(enc), torch.stack(errs), torch.stack(srcs), groups)
 
 
 def target_sum(specs: Sequence[tuple[int, int, Tensor | None]], demeaned: Tensor, x_in: Sequence[Tensor]) -> Tensor:
@@ -219,7 +217,7 @@ def target_sum(specs: Sequence[tuple[int, int, Tensor | None]], demeaned: Tensor
                         for b, (layer, i, vec) in enumerate(specs)]).sum()
 
 
-def attribute(model: nn.Module, transcoders: Sequence[SAE], ids: Tensor, *, max_logits: int = 10,
+def attribute(model: nn.Module, transcoders: Transcoders, ids: Tensor, *, max_logits: int = 10,
               logit_prob: float = 0.95, batch_size: int = 32, zero_first: int = 1, progress: bool = True,
               meta: dict[str, Any] | None = None) -> AttributionGraph:
     """The full (unpruned) attribution graph of the prompt ``ids [T]``."""
@@ -230,7 +228,7 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE], ids: Tensor, *, max_
     lr = LocalReplacement(model, transcoders)
     clean = lr.clean(ids)
     nd = _nodes(lr, clean, zero_first)
-    L, T = len(lr.transcoders), ids.numel()
+    L, T = lr.stack.n_layers, ids.numel()
     n_f = int(nd.acts.numel())
     lt, lp = logit_targets(clean.probs, max_logits, logit_prob)
     n_l = int(lt.numel())
@@ -259,10 +257,10 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE], ids: Tensor, *, max_
             if g_emb is not None:
                 rows[:, n_f + L * T:n_f + L * T + T] = (g_emb[:nb] * clean.embed).sum(-1)
             gl = [None if g is None else g[:nb] for g in grads[1:]]
-            for layer, pos, cols, d_t in nd.groups:
-                g = gl[layer]
-                if g is not None:
-                    rows[:, cols] = g[:, pos] @ d_t.to(dtype)
+            g_all = torch.stack([torch.zeros(nb, T, clean.embed.shape[-1], dtype=dtype) if g is None else g
+                                 for g in gl], 1)  # [nb, L, T, d]
+            for m0, n_out, pos, cols, d_t in nd.groups:
+                rows[:, cols] = g_all[:, m0:m0 + n_out, pos].reshape(nb, -1) @ d_t.to(dtype)
             for layer, g in enumerate(gl):
                 if g is not None:
                     rows[:, n_f + layer * T:n_f + (layer + 1) * T] = (g * nd.err[layer].to(dtype)).sum(-1)
@@ -271,6 +269,7 @@ def attribute(model: nn.Module, transcoders: Sequence[SAE], ids: Tensor, *, max_
             bar.update(nb)
     bar.close()
     info = dict(meta or {})
-    info.update({"seconds": time.perf_counter() - t0, "n_active_features": n_f, "batch_size": B})
+    info.update({"seconds": time.perf_counter() - t0, "n_active_features": n_f, "batch_size": B,
+                 "transcoders_kind": lr.stack.kind})
     return AttributionGraph(ids.cpu(), nd.feats.cpu(), nd.acts.cpu(), lt.cpu(), lp.cpu(), adj, L, zero_first,
                             info)

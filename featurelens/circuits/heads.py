@@ -18,12 +18,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from featurelens.circuits.graph import AttributionGraph, _nodes, encoder_matrix, target_sum
+from featurelens.circuits.graph import AttributionGraph, _nodes, target_sum
 from featurelens.circuits.local import LocalReplacement
 from featurelens.lens.patching import _head_slices
 from featurelens.models.hooks import replace_input_hook
 from featurelens.models.sites import SiteMap
-from featurelens.saes.base import SAE
+from featurelens.saes.stack import Transcoders
 
 
 @contextlib.contextmanager
@@ -57,10 +57,10 @@ def _spec(g: AttributionGraph, lr: LocalReplacement, t: int, dtype: torch.dtype)
     if g.kind(t) == "logit":
         return -1, int(g.logit_tokens[t - g.logit_start]), None
     la, pos, f = (int(v) for v in g.active_features[t])
-    return la, pos, encoder_matrix(lr.transcoders[la])[:, f].to(dtype)
+    return la, pos, lr.stack.encoder(la)[:, f].to(dtype)
 
 
-def edge_heads(model: nn.Module, transcoders: Sequence[SAE], g: AttributionGraph, edges: Sequence[tuple[int, int]],
+def edge_heads(model: nn.Module, transcoders: Transcoders, g: AttributionGraph, edges: Sequence[tuple[int, int]],
                batch_size: int = 32) -> dict[tuple[int, int], Tensor]:
     """For each edge ``(target, source)`` (node indices of ``g``), ``[n_layers, n_heads]``: the part of its
     weight carried by each head (see the module docstring)."""
@@ -69,7 +69,7 @@ def edge_heads(model: nn.Module, transcoders: Sequence[SAE], g: AttributionGraph
     lr = LocalReplacement(model, transcoders)
     clean = lr.clean(g.tokens)
     nd = _nodes(lr, clean, g.zero_first)
-    L, T = len(lr.transcoders), g.n_pos
+    L, T = lr.stack.n_layers, g.n_pos
     sources = sorted({s for _, s in edges})
     targets = sorted({t for t, _ in edges})
     dtype = clean.embed.dtype
@@ -88,7 +88,9 @@ def edge_heads(model: nn.Module, transcoders: Sequence[SAE], g: AttributionGraph
                 kind = g.kind(s)
                 if kind == "feature":
                     layer, pos, f = (int(v) for v in g.active_features[s])
-                    src[layer][b, pos] -= (g.activations[s] * lr.transcoders[layer].W_dec[f]).to(dtype)
+                    rows = g.activations[s] * lr.stack.decoder_rows(layer, torch.tensor([f]))[0]
+                    for j in range(rows.shape[0]):
+                        src[layer + j][b, pos] -= rows[j].to(dtype)
                 elif kind == "error":
                     layer, pos = g.node_layer_pos(s)
                     src[layer][b, pos] -= nd.err[layer][pos].to(dtype)

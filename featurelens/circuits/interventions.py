@@ -25,34 +25,36 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from featurelens.circuits.graph import AttributionGraph, encoder_matrix
+from featurelens.circuits.graph import AttributionGraph
+from featurelens.circuits.local import model_stack
 from featurelens.models.hooks import rewrite_site
-from featurelens.saes.base import SAE
+from featurelens.saes.stack import Transcoders
 
 
 @contextlib.contextmanager
-def scale_features(model: nn.Module, transcoders: Sequence[SAE], feats: Sequence[tuple[int, int, int, float]],
+def scale_features(model: nn.Module, transcoders: Transcoders, feats: Sequence[tuple[int, int, int, float]],
                    factor: float = 0.0) -> Iterator[None]:
     """Multiply the writes of features ``(layer, position, feature, activation)`` by ``factor`` (0: ablate)
     in the real model's MLP outputs; hooks removed in ``finally``."""
-    by_layer: dict[int, list[tuple[int, int, float]]] = {}
+    st = model_stack(model, transcoders)
+    by_layer: dict[int, list[tuple[int, Tensor]]] = {}  # output layer -> (position, change of its write)
     for layer, pos, f, a in feats:
-        by_layer.setdefault(layer, []).append((pos, f, a))
+        rows = st.decoder_rows(layer, torch.tensor([f]))[0].detach()  # [n_out, d]: a CLT feature writes several
+        for j in range(rows.shape[0]):
+            by_layer.setdefault(layer + j, []).append((pos, (factor - 1.0) * a * rows[j]))
     with contextlib.ExitStack() as stack:
         for layer, items in by_layer.items():
-            tc = transcoders[layer]
-
-            def edit(y: Tensor, items: list[tuple[int, int, float]] = items, tc: SAE = tc) -> Tensor:
+            def edit(y: Tensor, items: list[tuple[int, Tensor]] = items) -> Tensor:
                 y = y.clone()
-                for pos, f, a in items:
-                    y[:, pos] += ((factor - 1.0) * a * tc.W_dec[f]).to(y.dtype)
+                for pos, delta in items:
+                    y[:, pos] += delta.to(y.dtype)
                 return y
             stack.enter_context(rewrite_site(model, f"blocks.{layer}.hook_mlp_out", edit))
         yield
 
 
 @torch.no_grad()
-def _read(model: nn.Module, transcoders: Sequence[SAE], ids: Tensor, token: int,
+def _read(model: nn.Module, transcoders: Transcoders, ids: Tensor, token: int,
           feats: Tensor) -> tuple[float, Tensor]:
     """Demeaned logit of ``token`` at the last position and the pre-activation linear part of ``feats``."""
     from featurelens.models.hooks import ActivationCapture
@@ -61,11 +63,11 @@ def _read(model: nn.Module, transcoders: Sequence[SAE], ids: Tensor, token: int,
     with ActivationCapture(model, [f"blocks.{i}.ln2.hook_normalized" for i in layers], early_exit=False) as cap:
         acts = cap.forward(ids.reshape(1, -1))
         logits = cap.output.logits[0, -1].double()
+    st = model_stack(model, transcoders)
     pre = torch.zeros(len(feats), dtype=torch.float64)
     for j, (layer, pos, f) in enumerate(feats.tolist()):
-        tc = transcoders[layer]
-        x = acts[f"blocks.{layer}.ln2.hook_normalized"][0, pos].to(tc.W_enc.dtype)
-        pre[j] = float(x @ encoder_matrix(tc)[:, f])
+        x = acts[f"blocks.{layer}.ln2.hook_normalized"][0, pos].to(st.dtype)
+        pre[j] = float(x @ st.encoder(layer)[:, f])
     return float(logits[token] - logits.mean()), pre
 
 
@@ -126,7 +128,7 @@ class InterventionReport:
         return self.top_drop / self.random_drop if self.random_drop > 0 else float("inf")
 
 
-def check_graph(model: nn.Module, transcoders: Sequence[SAE], g: AttributionGraph, influence: Tensor,
+def check_graph(model: nn.Module, transcoders: Transcoders, g: AttributionGraph, influence: Tensor,
                 n_ablate: int = 10, k: int = 10, n_random: int = 5, seed: int = 0) -> InterventionReport:
     """Ablate each of the ``n_ablate`` most influential features alone (correlations; ``influence [N]`` ranks
     the nodes), then the ``k`` with the largest predicted support for the target together against

@@ -33,11 +33,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from featurelens.errors import UsageError
 from featurelens.models.hooks import rewrite_site
 from featurelens.models.readout import FrozenNorm
 from featurelens.models.sites import SiteMap, _get, _text_config
-from featurelens.saes.base import SAE
+from featurelens.saes.stack import Transcoders, TranscoderStack, build_stack
 
 IMPL = "featurelens_frozen"
 """Name of the attention implementation registered with transformers while a pass runs."""
@@ -144,27 +143,24 @@ class CleanPass:
     """Attention probabilities ``[L, heads, T, T]`` (query x key)."""
 
 
-class LocalReplacement:
-    """One transcoder per layer (input ``ln2.hook_normalized``, target ``hook_mlp_out`` of that layer)."""
+def model_stack(model: nn.Module, transcoders: Transcoders) -> TranscoderStack:
+    """``transcoders`` checked to replace every MLP of ``model`` (``ln2.hook_normalized`` -> ``hook_mlp_out``)."""
+    sm = SiteMap(model)
 
-    def __init__(self, model: nn.Module, transcoders: Sequence[SAE]) -> None:
+    def layer_of(name: str) -> tuple[int, str]:
+        site = sm.parse(name)
+        return site.layer, site.kind
+    return build_stack(transcoders, sm.n_layers, "ln2.hook_normalized", "hook_mlp_out", layer_of)
+
+
+class LocalReplacement:
+    """Every MLP replaced: one transcoder per layer, or a cross-layer transcoder (inputs
+    ``ln2.hook_normalized``, targets ``hook_mlp_out``; :mod:`featurelens.saes.stack`)."""
+
+    def __init__(self, model: nn.Module, transcoders: Transcoders) -> None:
         self.model = model
         self.sm = SiteMap(model)
-        n = self.sm.n_layers
-        by_layer: dict[int, SAE] = {}
-        for tc in transcoders:
-            src, dst = self.sm.parse(tc.cfg.hook_name), self.sm.parse(tc.cfg.target_hook_name)
-            if src.kind != "ln2.hook_normalized" or dst.kind != "hook_mlp_out" or src.layer != dst.layer:
-                raise UsageError(f"transcoder {tc.cfg.hook_name} -> {tc.cfg.target_hook_name}: attribution graphs need "
-                                 "transcoders from blocks.L.ln2.hook_normalized to blocks.L.hook_mlp_out")
-            if src.layer in by_layer:
-                raise UsageError(f"two transcoders for layer {src.layer}: give one per layer")
-            by_layer[src.layer] = tc
-        missing = [i for i in range(n) if i not in by_layer]
-        if missing:
-            raise UsageError(f"no transcoder for layers {missing}: the replacement model needs one for every layer "
-                             f"0..{n - 1} (train them with featurelens train --layers all)")
-        self.transcoders = [by_layer[i] for i in range(n)]
+        self.stack = model_stack(model, transcoders)
         self._qk: dict[int, tuple[Tensor, Tensor]] = {}
         self._norms: dict[str, tuple[FrozenNorm, Tensor, Tensor]] = {}
 
@@ -267,6 +263,4 @@ class LocalReplacement:
             yield run
 
     def _skip(self, layer: int, x: Tensor) -> Tensor:
-        tc = self.transcoders[layer]
-        s = tc.skip_term(x.to(tc.W_enc.dtype))
-        return (s if isinstance(s, Tensor) else torch.zeros_like(x)).to(x.dtype)
+        return self.stack.skip(layer, x)

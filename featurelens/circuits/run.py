@@ -21,13 +21,14 @@ REPORT_KIND = "attribution-graph"
 
 @dataclass
 class GraphConfig:
-    """Attribution graph of one prompt through per-layer (skip) transcoders."""
+    """Attribution graph of one prompt through per-layer (skip) transcoders or a cross-layer transcoder."""
 
     prompt: str = "The capital of France is"
     """Text to trace (the graph explains its next-token prediction)."""
     transcoders: str = ""
     """Transcoder set: a run of ``featurelens train --layers all`` (one folder per layer), a folder of SAE
-    folders, or a circuit-tracer layout folder (config.yaml + layer_{i}.safetensors)."""
+    folders, a cross-layer transcoder (``--arch clt``), or a circuit-tracer layout folder (config.yaml +
+    layer_{i}.safetensors, or a CLT's W_enc_{i} / W_dec_{i}.safetensors)."""
     model: str = "smollm2-135m-instruct"
     """Model spec: bundled alias, local folder, .gguf file or hub id."""
     out: str = "runs/graph"
@@ -79,8 +80,9 @@ class GraphConfig:
 
 def load_transcoders(path: str | Path, device: str | torch.device = "cpu") -> list[SAE]:
     """A transcoder set from a circuit-tracer layout folder, one SAE folder, or a folder of SAE folders
-    (a layer-set training run: ``L{i}/<name>/cfg.json``)."""
+    (a layer-set training run: ``L{i}/<name>/cfg.json``; a CLT run: ``<name>/cfg.json``)."""
     from featurelens.saes.circuit_tracer import load_circuit_tracer
+    from featurelens.saes.clt import CrossLayerTranscoder
     from featurelens.saes.formats import load_sae
 
     p = Path(path)
@@ -99,6 +101,8 @@ def load_transcoders(path: str | Path, device: str | torch.device = "cpu") -> li
     if not_tc:
         raise UsageError(f"{not_tc[0]} is an SAE, not a transcoder: give a folder of transcoders only")
     layers = [t.cfg.hook_layer for t in tcs]
+    if len(tcs) > 1 and any(isinstance(t, CrossLayerTranscoder) for t in tcs):
+        raise UsageError(f"{p} holds a cross-layer transcoder and other dictionaries: point --transcoders at one of them")
     if len(set(layers)) < len(layers):
         raise UsageError(f"{p} holds more than one transcoder for some layer: point --transcoders at one set "
                          "(e.g. the folder of one architecture)")

@@ -10,6 +10,11 @@ What maps: ``relu`` / ``relu_unitnorm`` (ReLU), ``jumprelu`` (its thresholds), `
 transcoders have no equivalent in that layout and are refused. A folder we write also carries our own
 ``cfg.json`` per layer, so it loads back as exactly what was saved; a folder circuit-tracer (or anyone)
 wrote loads as JumpReLU or ReLU transcoders. Tested against the package (``tests/oracle``).
+
+Cross-layer transcoders (``model_kind: cross_layer_transcoder``): per layer ``W_enc_{i}.safetensors`` with
+``W_enc_{i} [d_tc, d_model]``, ``b_enc_{i}``, ``b_dec_{i}`` and ``threshold_{i}`` (JumpReLU), and
+``W_dec_{i}.safetensors`` with ``W_dec_{i} [d_tc, n_layers - i, d_model]``. circuit-tracer 0.5's ``load_clt``
+reads no skip weights, so a skip CLT is refused rather than written in a form that would load without them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import Tensor
 
 from featurelens.errors import FeatureLensError, UsageError
 from featurelens.saes.base import SAE, SAEConfig, sae_config_from_dict
+from featurelens.saes.clt import CrossLayerTranscoder
 from featurelens.saes.registry import get_architecture
 
 KIND = "transcoder-set"
@@ -102,8 +108,75 @@ def save_circuit_tracer(transcoders: Sequence[SAE], path: str | os.PathLike[str]
     return Path(path)
 
 
+def save_circuit_tracer_clt(clt: CrossLayerTranscoder, path: str | os.PathLike[str], scan: str = "",
+                            overwrite: bool = False, input_hook: str | None = None) -> Path:
+    """Write a cross-layer transcoder in circuit-tracer's CLT layout (whole folder, then rename), with our
+    ``featurelens_clt.json`` beside it so it loads back exactly."""
+    from safetensors.torch import save_file
+
+    from featurelens.atomic import atomic_dir
+
+    if clt.cfg.skip:
+        raise UsageError("circuit-tracer 0.5 loads no skip weights for a cross-layer transcoder: export a CLT trained "
+                         "without --skip")
+    if clt.layers != list(range(clt.n_layers)):
+        raise UsageError(f"circuit-tracer's layout needs a CLT over blocks 0 .. N-1; this one covers {clt.layers}")
+    k_in = clt.cfg.hook_name.split(".", 2)[-1]
+    k_out = clt.cfg.target_hook_name.split(".", 2)[-1]
+    k_in = input_hook or _CT_HOOKS.get(k_in, k_in)
+    thr = clt.threshold.detach().float().clamp_min(0.0)
+    with atomic_dir(path, KIND, overwrite=overwrite) as tmp:
+        for i in range(clt.n_layers):
+            save_file({f"W_enc_{i}": clt.W_enc[i].detach().t().contiguous().float(),
+                       f"b_enc_{i}": clt.b_enc[i].detach().contiguous().float(),
+                       f"b_dec_{i}": clt.b_dec[i].detach().contiguous().float(),
+                       f"threshold_{i}": thr[i].contiguous()}, str(tmp / f"W_enc_{i}.safetensors"))
+            save_file({f"W_dec_{i}": clt.decoder(i).detach().contiguous().float()}, str(tmp / f"W_dec_{i}.safetensors"))
+        (tmp / "featurelens_clt.json").write_text(json.dumps(clt.saelens_config(), indent=1, allow_nan=False))
+        scan_name = scan or (clt.cfg.model_name or "featurelens")
+        (tmp / "config.yaml").write_text(f"model_kind: cross_layer_transcoder\nfeature_input_hook: {k_in}\n"
+                                         f"feature_output_hook: {k_out}\nscan: {json.dumps(scan_name)}\n")
+    return Path(path)
+
+
+def _load_ct_clt(p: Path, k_in: str, k_out: str) -> CrossLayerTranscoder:
+    from safetensors.torch import load_file
+
+    from featurelens.saes.base import load_state
+
+    n = len(list(p.glob("W_enc_*.safetensors")))
+    if n == 0 or not all((p / f"W_enc_{i}.safetensors").is_file() and (p / f"W_dec_{i}.safetensors").is_file()
+                         for i in range(n)):
+        raise FeatureLensError(f"{p}: a cross-layer transcoder needs W_enc_i / W_dec_i.safetensors for i = 0 .. N-1")
+    enc, dec = [], []
+    for i in range(n):
+        try:
+            enc.append(load_file(str(p / f"W_enc_{i}.safetensors")))
+            dec.append(load_file(str(p / f"W_dec_{i}.safetensors"))[f"W_dec_{i}"])
+        except Exception as e:  # safetensors raises its own error type for damaged files
+            raise FeatureLensError(f"{p}: layer {i}'s files cannot be read ({type(e).__name__})") from None
+    d_tc, d_model = enc[0]["W_enc_0"].shape
+    ours = p / "featurelens_clt.json"
+    if ours.is_file():
+        from featurelens.jsonio import read_json
+
+        c = sae_config_from_dict(read_json(ours, "rewrite the folder")["featurelens"])
+    else:
+        c = SAEConfig(architecture="clt", d_in=int(d_model) * n, d_sae=int(d_tc) * n, k=1, apply_b_dec_to_input=False,
+                      hook_name=f"blocks.*.{k_in}", target_hook_name=f"blocks.*.{k_out}", extra={"n_layers": n})
+    clt = CrossLayerTranscoder(c)
+    w: dict[str, Tensor] = {"W_enc": torch.stack([e[f"W_enc_{i}"].t() for i, e in enumerate(enc)]),
+                            "b_enc": torch.stack([e[f"b_enc_{i}"] for i, e in enumerate(enc)]),
+                            "b_dec": torch.stack([e[f"b_dec_{i}"] for i, e in enumerate(enc)]),
+                            "threshold": torch.stack([e.get(f"threshold_{i}", torch.zeros(int(d_tc))) for i, e in enumerate(enc)])}
+    w.update({f"W_dec_{i}": t for i, t in enumerate(dec)})
+    return load_state(clt, CrossLayerTranscoder.weights_from_saved(w), p)  # type: ignore[return-value]
+
+
 def load_circuit_tracer(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> list[SAE]:
-    """Read a circuit-tracer transcoder-set folder: ours load back exactly, others as JumpReLU / ReLU."""
+    """Read a circuit-tracer transcoder-set folder (ours load back exactly, others as JumpReLU / ReLU), or a
+    cross-layer transcoder folder (a list holding one :class:`CrossLayerTranscoder`; without a threshold it
+    is a ReLU CLT: thresholds 0)."""
     import yaml
     from safetensors.torch import load_file
 
@@ -117,11 +190,15 @@ def load_circuit_tracer(path: str | os.PathLike[str], device: str | torch.device
         cfg = yaml.safe_load((p / "config.yaml").read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise FeatureLensError(f"{p / 'config.yaml'} is not readable YAML ({type(e).__name__}): {fix}") from None
-    if not isinstance(cfg, dict) or cfg.get("model_kind") != "transcoder_set":
-        raise UsageError(f"{p / 'config.yaml'} does not describe a per-layer transcoder set (model_kind: "
-                         "transcoder_set); cross-layer transcoders are not read yet")
+    kind = cfg.get("model_kind") if isinstance(cfg, dict) else None
+    if kind not in ("transcoder_set", "cross_layer_transcoder"):
+        raise UsageError(f"{p / 'config.yaml'} names model_kind {kind!r}: expected transcoder_set or "
+                         "cross_layer_transcoder")
+    assert isinstance(cfg, dict)
     k_in, k_out = str(cfg.get("feature_input_hook", "")), str(cfg.get("feature_output_hook", ""))
     k_in, k_out = _FROM_CT.get(k_in, k_in), _FROM_CT.get(k_out, k_out)
+    if kind == "cross_layer_transcoder":
+        return [_load_ct_clt(p, k_in, k_out).to(device).eval()]
     files = sorted(p.glob("layer_*.safetensors"), key=lambda f: int(f.stem.split("_")[1]) if f.stem[6:].isdigit() else -1)
     layers = [int(f.stem.split("_")[1]) for f in files if f.stem[6:].isdigit()]
     if not layers or layers != list(range(len(layers))):

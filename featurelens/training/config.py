@@ -21,11 +21,12 @@ class SAESpec:
     """One SAE to train: architecture and its own hyperparameters."""
 
     arch: str = "topk"
-    """Architecture: relu, relu_unitnorm, gated, jumprelu, topk, batchtopk, matryoshka."""
+    """Architecture: relu, relu_unitnorm, gated, jumprelu, topk, batchtopk, matryoshka; clt (a cross-layer
+    transcoder over every layer of --layers)."""
     width: int = 4096
-    """Number of latents (d_sae)."""
+    """Number of latents (d_sae); a CLT: latents per layer."""
     k: int = 32
-    """Active latents per token (topk, batchtopk, matryoshka)."""
+    """Active latents per token (topk, batchtopk, matryoshka; a CLT: per token and layer)."""
     sparsity_coeff: float = 0.0
     """Sparsity coefficient: L1/Lp (relu, gated) or L0 (jumprelu). 0 picks the architecture's default."""
     lr: float = 0.0
@@ -65,7 +66,7 @@ class SAESpec:
         if self.name:
             return self.name
         tail = "-skip" if self.skip else ""
-        if self.arch in ("topk", "batchtopk", "matryoshka"):
+        if self.arch in ("topk", "batchtopk", "matryoshka", "clt"):
             return f"{self.arch}-w{self.width}-k{self.k}{tail}"
         return f"{self.arch}-w{self.width}-c{self.coeff():g}" + (f"-p{self.p_end:g}" if self.p_end != 1.0 else "") + tail
 
@@ -78,7 +79,7 @@ class SAESpec:
         if self.lr:
             return self.lr
         # Gao et al. 2024 scale the TopK learning rate as 1/sqrt(width) (2e-4 at 16k latents)
-        return 2e-4 / math.sqrt(self.width / 16384) if self.arch in ("topk", "batchtopk", "matryoshka") else 5e-4
+        return 2e-4 / math.sqrt(self.width / 16384) if self.arch in ("topk", "batchtopk", "matryoshka", "clt") else 5e-4
 
 
 @dataclass
@@ -150,19 +151,26 @@ class SAEMeta:
     hook_layer: int = -1
     target_hook_name: str = ""
     """A transcoder's target site (empty: an SAE, which reconstructs ``hook_name``)."""
+    layers: tuple[int, ...] = ()
+    """A cross-layer transcoder's blocks (its input and target are these blocks' sites, concatenated)."""
 
 
 def build_sae(spec: SAESpec, d_in: int, meta: SAEMeta, seed: int) -> SAE:
     cls = get_architecture(spec.arch)
+    if (spec.arch == "clt") != bool(meta.layers):
+        raise UsageError("a cross-layer transcoder (--arch clt) trains on a layer set (--layers) and nothing else "
+                         "does: train it in a run of its own")
+    n = max(1, len(meta.layers))
     prefixes = [int(p) for p in spec.prefixes.split(",") if p.strip()] if spec.prefixes else []
     if spec.arch == "matryoshka" and not prefixes:
         prefixes = default_prefixes(spec.width)
     cfg = SAEConfig(
-        architecture=spec.arch, d_in=d_in, d_sae=spec.width,
-        k=spec.k if spec.arch in ("topk", "batchtopk", "matryoshka") else None,
+        architecture=spec.arch, d_in=d_in, d_sae=spec.width * n,
+        k=spec.k if spec.arch in ("topk", "batchtopk", "matryoshka", "clt") else None,
         hook_name=meta.hook_name, hook_layer=meta.hook_layer, model_name=meta.model_name,
         context_size=meta.context_size, prepend_bos=meta.prepend_bos, prefixes=prefixes,
-        extra={"bandwidth": spec.bandwidth, "init_threshold": spec.init_threshold} if spec.arch == "jumprelu" else {},
+        extra=({"bandwidth": spec.bandwidth, "init_threshold": spec.init_threshold} if spec.arch == "jumprelu" else
+               {"n_layers": n, "layers": list(meta.layers)} if spec.arch == "clt" else {}),
         target_hook_name=meta.target_hook_name, skip=spec.skip,
         apply_b_dec_to_input=not (meta.target_hook_name and meta.target_hook_name != meta.hook_name),
     )

@@ -103,6 +103,36 @@ def layer_set_trainers(lm: Any, layers: Sequence[int], in_kind: str, out_kind: s
     return trainers, pairs
 
 
+def clt_trainer(lm: Any, layers: Sequence[int], in_kind: str, out_kind: str, specs: Sequence[Any], cfg: Any,
+                contexts: Any, context_length: int) -> tuple[Trainer, list[tuple[str, str]]]:
+    """One :class:`Trainer` for cross-layer transcoders over ``layers`` (all of ``specs`` are ``clt``): its
+    batches are the layer pairs' rows concatenated (:func:`concat_pairs`), written to ``--out``."""
+    from featurelens.models.sites import SiteMap
+    from featurelens.training.config import SAEMeta
+
+    if any(s.arch != "clt" for s in specs):
+        raise UsageError("a cross-layer transcoder (--arch clt) trains in a run of its own: give only clt specs")
+    sm = SiteMap(lm.model)
+    pairs = [(f"blocks.{la}.{in_kind}", f"blocks.{la}.{out_kind}") for la in layers]
+    for a, b in pairs:
+        sm.module(sm.parse(a))
+        if sm.dim(sm.parse(a)) != sm.dim(sm.parse(b)):
+            raise UsageError(f"{a} and {b} differ in width: a transcoder here maps between sites of the same width")
+    meta = SAEMeta(hook_name=f"blocks.*.{in_kind}", model_name=lm.name, context_size=context_length,
+                   target_hook_name=f"blocks.*.{out_kind}", layers=tuple(layers))
+    data_id = f"stream-clt:{lm.name}:{contexts.fingerprint()[:16]}:{','.join(map(str, layers))}"
+    d = sm.dim(sm.parse(pairs[0][0]))
+    return Trainer(list(specs), cfg, d * len(layers), meta, data_id=data_id), pairs
+
+
+def concat_pairs(batches: Iterable[Sequence[Any]]) -> Iterator[tuple[Any, Any]]:
+    """Per-layer ``(input, target)`` pairs -> one pair of the layers concatenated (a CLT's flat view)."""
+    import torch
+
+    for item in batches:
+        yield torch.cat([x for x, _ in item], -1), torch.cat([y for _, y in item], -1)
+
+
 def parse_layers(spec: str, n_layers: int) -> list[int]:
     """``all`` or a comma list of block indices."""
     if spec.strip() == "all":

@@ -82,9 +82,9 @@ class Trainer:
             raise UsageError(f"two SAEs would be saved under the same name ({names}): set distinct names")
         for s in specs:
             get_architecture(s.arch)
-            if s.arch in ("topk", "batchtopk", "matryoshka") and not 0 < s.k <= s.width:
+            if s.arch in ("topk", "batchtopk", "matryoshka", "clt") and not 0 < s.k <= s.width:
                 raise UsageError(f"k={s.k} must be between 1 and width={s.width}")
-        _check_memory(specs, d_in)
+        _check_memory(specs, d_in, len(meta.layers) if meta is not None and meta.layers else 1)
         self.specs, self.cfg, self.d_in, self.meta = specs, cfg, d_in, meta or SAEMeta()
         self.rank, self.world = rank_and_world()
         from featurelens.models.loading import resolve_device
@@ -108,7 +108,7 @@ class Trainer:
             sae = build_sae(spec, d_in, self.meta, cfg.seed + i).to(self.device)
             sae.train()
             opt = torch.optim.Adam(sae.parameters(), lr=spec.learning_rate(), betas=(cfg.adam_beta1, cfg.adam_beta2))
-            self.runs.append(_Run(spec, name, sae, opt, LatentStats.zeros(spec.width, self.device), last_p=spec.p_start))
+            self.runs.append(_Run(spec, name, sae, opt, LatentStats.zeros(sae.cfg.d_sae, self.device), last_p=spec.p_start))
         self._fwd = {r.name: (torch.compile(r.sae) if cfg.compile else r.sae) for r in self.runs}
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ class Trainer:
             out = self._fwd[r.name](x)
         out = _as_float(out)
         if p != r.last_p:  # p-annealing: rescale the coefficient so the penalty stays continuous
-            f = out.dense_feats(spec.width).detach()
+            f = out.dense_feats(sae.cfg.d_sae).detach()
             norms = sae.W_dec.detach().norm(dim=-1)
             # the global batch's penalties (sums over ranks), so every rank keeps the same multiplier
             pen = all_reduce(torch.stack([lp_penalty(f, norms, r.last_p), lp_penalty(f, norms, p)]).double(), self.world)
@@ -294,7 +294,7 @@ class Trainer:
         sae.after_optimizer_step()
         with torch.no_grad():
             sae.update_stats(out, self.world)
-            fires = all_reduce(out.fire_counts(spec.width).to(torch.long), self.world)
+            fires = all_reduce(out.fire_counts(sae.cfg.d_sae).to(torch.long), self.world)
             r.stats.update(fires, x.shape[0] * self.world)
             err = (out.x_hat - target).pow(2).sum()
             var = (target - target.mean(0)).pow(2).sum()
@@ -339,10 +339,13 @@ class Trainer:
         return out
 
 
-def _check_memory(specs: list[SAESpec], d_in: int) -> None:
+def _check_memory(specs: list[SAESpec], d_in: int, n_layers: int = 1) -> None:
     """Refuse, before allocating, a grid whose parameters, gradients and Adam moments (4 float32 copies of
-    two width x d_in matrices each) exceed this machine's memory."""
-    need = sum(4 * 2 * s.width * d_in * 4 for s in specs)
+    two width x d_in matrices each; a CLT over ``n_layers`` sites of ``d_in / n_layers``: L encoders and
+    L (L + 1) / 2 decoder blocks) exceed this machine's memory."""
+    d = d_in // n_layers
+    need = sum(4 * 4 * (s.width * d * n_layers * (n_layers + 3) // 2 if s.arch == "clt" else 2 * s.width * d_in)
+               for s in specs)
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

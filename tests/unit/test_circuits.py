@@ -37,7 +37,7 @@ def _sources(lr: LocalReplacement, g: AttributionGraph, drop: int | None = None)
     errors), optionally without feature ``drop``'s write."""
     clean = lr.clean(g.tokens)
     src = []
-    for layer, tc in enumerate(lr.transcoders):
+    for layer, tc in enumerate(lr.stack.transcoders):  # type: ignore[attr-defined]
         x = clean.x_in[layer]
         a = tc.encode(x)
         a[:g.zero_first] = 0
