@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -187,7 +188,7 @@ def _per_layer_from(clt: CrossLayerTranscoder) -> list:
         c = SAEConfig(architecture="batchtopk", d_in=clt.d_model, d_sae=clt.d_layer, k=1, apply_b_dec_to_input=False,
                       hook_name=f"blocks.{la}.ln2.hook_normalized", target_hook_name=f"blocks.{la}.hook_mlp_out",
                       hook_layer=la, skip=clt.cfg.skip)
-        tc = get_architecture("batchtopk")(c).to(clt.W_enc.dtype)
+        tc: Any = get_architecture("batchtopk")(c).to(clt.W_enc.dtype)
         with torch.no_grad():
             tc.W_enc.copy_(clt.W_enc[la])
             tc.b_enc.copy_(clt.b_enc[la])
