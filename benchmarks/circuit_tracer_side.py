@@ -28,7 +28,14 @@ def main() -> None:
     torch.set_num_threads(2)
     cfg = yaml.safe_load(open(f"{args.transcoders}/config.yaml"))
     n = len([k for k in __import__("os").listdir(args.transcoders) if k.startswith("layer_") and k.endswith(".safetensors")])
-    tcs = load_transcoder_set({i: f"{args.transcoders}/layer_{i}.safetensors" for i in range(n)}, scan=str(cfg["scan"]),
+    if cfg["model_kind"] == "cross_layer_transcoder":
+        from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+        tcs = load_clt(args.transcoders, feature_input_hook=cfg["feature_input_hook"],
+                       feature_output_hook=cfg["feature_output_hook"], scan=str(cfg["scan"]), device=torch.device("cpu"),
+                       dtype=torch.float32, lazy_decoder=False)
+    else:
+        tcs = load_transcoder_set({i: f"{args.transcoders}/layer_{i}.safetensors" for i in range(n)}, scan=str(cfg["scan"]),
                               feature_input_hook=cfg["feature_input_hook"], feature_output_hook=cfg["feature_output_hook"],
                               device=torch.device("cpu"), lazy_encoder=False, lazy_decoder=False)
     rm = ReplacementModel.from_pretrained_and_transcoders(args.model, tcs, backend="nnsight", device="cpu",

@@ -54,17 +54,32 @@ TIMING_TEXT = "The Eiffel Tower is in Paris, the Colosseum is in Rome and Big Be
 
 
 def train(out: Path, steps: int, width: int, k: int, arch: str) -> float:
-    """Run (or resume) the layer-set training; 0 seconds when every layer's transcoder already has ``steps``."""
+    """Run (or resume) the layer-set training; 0 seconds when every layer's transcoder already has ``steps``.
+    Per-layer sets are skip transcoders; a CLT (``--arch clt``) has no skip path (circuit-tracer 0.5 loads none
+    for a CLT, and the side-by-side needs its layout)."""
+    clt = arch == "clt"
+    pattern = f"{arch}-w{width}-k{k}/cfg.json" if clt else f"L*/{arch}-w{width}-k{k}-skip/cfg.json"
     done = [json.loads(c.read_text()).get("featurelens", {}).get("extra", {}).get("trained_steps")
-            for c in out.glob(f"L*/{arch}-w{width}-k{k}-skip/cfg.json")]
-    if done and len(done) == len(list(out.glob("L*"))) and all(d == steps for d in done):
+            for c in out.glob(pattern)]
+    if done and (clt or len(done) == len(list(out.glob("L*")))) and all(d == steps for d in done):
         return 0.0
     cmd = [str(ROOT / ".venv/bin/featurelens"), "train", "--model", "smollm2-135m-instruct", "--layers", "all",
            "--site", "ln2.hook_normalized", "--target-site", "hook_mlp_out", "--arch", arch, "--k", str(k),
-           "--width", str(width), "--skip", "--steps", str(steps), "--batch-size", "512", "--out", str(out)]
+           "--width", str(width), *([] if clt else ["--skip"]), "--steps", str(steps), "--batch-size", "512",
+           "--out", str(out)]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"training failed (status {status})")
+    (out / "train_peak_rss.json").write_text(json.dumps({"peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}))
     return time.perf_counter() - t0
+
+
+def peak_gib(out: Path) -> float | None:
+    """The training process's peak resident memory, from the ``peak_rss_gib`` its run wrote (None if unknown)."""
+    f = out / "train_peak_rss.json"
+    return json.loads(f.read_text()).get("peak_rss_gib") if f.is_file() else None
 
 
 def ct_model_folder(src: Path, dst: Path) -> Path:
@@ -100,7 +115,8 @@ def side_by_side(lm: Any, tcs: list[Any], out: Path, n_prompts: int) -> tuple[fl
     seconds of each, the ratio, whether the features and logits agree, the largest adjacency difference."""
     from featurelens.circuits.graph import attribute
     from featurelens.circuits.run import prompt_ids
-    from featurelens.saes.circuit_tracer import save_circuit_tracer
+    from featurelens.saes.circuit_tracer import save_circuit_tracer, save_circuit_tracer_clt
+    from featurelens.saes.clt import CrossLayerTranscoder
 
     # the 16-token timing prompt, ours and circuit-tracer's, plus the first --ct-prompts prompts
     t_ids = [int(lm.tokenizer.bos_token_id), *lm.tokenizer(TIMING_TEXT, add_special_tokens=False)["input_ids"][:15]]
@@ -113,7 +129,9 @@ def side_by_side(lm: Any, tcs: list[Any], out: Path, n_prompts: int) -> tuple[fl
     ct: dict[str, Any] = {"available": False}
     ct_py = ROOT / ".ct-venv/bin/python"
     if ct_py.exists():
-        set_dir = save_circuit_tracer(tcs, out / "ct-set", overwrite=True)
+        clt = tcs[0] if isinstance(tcs[0], CrossLayerTranscoder) else None
+        set_dir = (save_circuit_tracer_clt(clt, out / "ct-set", overwrite=True) if clt is not None else
+                   save_circuit_tracer(tcs, out / "ct-set", overwrite=True))
         src = next(Path(os.path.expanduser("~/.cache/featurelens/converted")).glob("SmolLM2-135M-Instruct*"))
         folder = ct_model_folder(src, out / "ct-model")
         res = subprocess.run([str(ct_py), str(ROOT / "benchmarks/circuit_tracer_side.py"), "--model", str(folder),
@@ -144,7 +162,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--arch", default="batchtopk", help="batchtopk maps to circuit-tracer's JumpReLU; topk does not")
+    ap.add_argument("--arch", default="batchtopk", help="batchtopk maps to circuit-tracer's JumpReLU; topk does not; "
+                    "clt trains a cross-layer transcoder (width and k per layer)")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--prompts", type=int, default=len(PROMPTS))
     ap.add_argument("--ct-prompts", type=int, default=2, help="of the prompts, how many circuit-tracer also traces")
@@ -211,8 +230,8 @@ def main() -> None:
     ratios = [r["drop_ratio"] for r in rows if r["drop_ratio"] != float("inf")]
     summary = {
         "model": "smollm2-135m-instruct",
-        "train": {"arch": args.arch, "width": args.width, "k": args.k, "skip": True, "steps": args.steps,
-                  "tokens": args.steps * 512, "seconds": round(t_train, 1)},
+        "train": {"arch": args.arch, "width": args.width, "k": args.k, "skip": args.arch != "clt", "steps": args.steps,
+                  "tokens": args.steps * 512, "seconds": round(t_train, 1), "peak_rss_gib": peak_gib(out / "tcs")},
         "fvu": [round(f, 3) for f in rep["fvu"]], "fvu_median": round(statistics.median(rep["fvu"]), 3),
         "ce_clean": round(rep["ce_clean"], 4), "ce_replacement": round(rep["ce_replacement"], 4),
         "kl_replacement": round(rep["kl_replacement"], 4), "eval_tokens": rep["n_tokens"],

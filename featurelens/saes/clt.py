@@ -233,15 +233,20 @@ class CrossLayerTranscoder(SAE):
     # -- training-time hooks ----------------------------------------------------------------------
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
+        """Remove each decoder gradient's component along its (unit-norm) decoder, in place: no copies of the
+        decoders, which hold almost all of a CLT's parameters."""
         for w in self.decoders():
             if w.grad is not None:
-                u = _unit_rows(w)
-                w.grad.sub_((w.grad * u).flatten(1).sum(-1)[:, None, None] * u)
+                wf, gf = w.view(w.shape[0], -1), w.grad.view(w.shape[0], -1)
+                sq = torch.bmm(wf[:, None], wf[:, :, None]).reshape(-1, 1).clamp_min(1e-16)
+                dot = torch.bmm(gf[:, None], wf[:, :, None]).reshape(-1, 1)
+                gf.addcmul_(wf, dot / sq, value=-1.0)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         for w in self.decoders():
-            w.copy_(_unit_rows(w))
+            wf = w.view(w.shape[0], -1)
+            wf.div_(torch.linalg.vector_norm(wf, dim=-1, keepdim=True).clamp_min(1e-8))
 
     def resample(self, idx: Tensor, directions: Tensor, enc_norm: float) -> None:
         raise UsageError("resampling is not supported for cross-layer transcoders: leave --resample-every 0")

@@ -107,7 +107,9 @@ class Trainer:
         for i, (spec, name) in enumerate(zip(specs, names)):
             sae = build_sae(spec, d_in, self.meta, cfg.seed + i).to(self.device)
             sae.train()
-            opt = torch.optim.Adam(sae.parameters(), lr=spec.learning_rate(), betas=(cfg.adam_beta1, cfg.adam_beta2))
+            # a CLT's hundreds of millions of parameters: the fused kernel is 6x faster than foreach on CPU
+            opt = torch.optim.Adam(sae.parameters(), lr=spec.learning_rate(), betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                   fused=spec.arch == "clt")
             self.runs.append(_Run(spec, name, sae, opt, LatentStats.zeros(sae.cfg.d_sae, self.device), last_p=spec.p_start))
         self._fwd = {r.name: (torch.compile(r.sae) if cfg.compile else r.sae) for r in self.runs}
 
