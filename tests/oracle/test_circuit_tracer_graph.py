@@ -82,3 +82,43 @@ def test_graph_equals_circuit_tracer(arch: str, skip: bool, tmp_path: Path) -> N
     rs_t, cs_t = compute_graph_scores(theirs)
     assert abs(rs - rs_t) < 1e-4 and abs(cs - cs_t) < 1e-4
     assert 0.0 < rs < 1.0 and 0.0 < cs < 1.0
+
+
+def test_clt_graph_equals_circuit_tracer(tmp_path: Path) -> None:
+    """A cross-layer transcoder written in circuit-tracer's CLT layout, loaded there with its own ``load_clt``:
+    the same features, logits, adjacency (every feature writes to every later layer) and scores."""
+    from circuit_tracer import ReplacementModel
+    from circuit_tracer import attribute as ct_attribute
+    from circuit_tracer.graph import compute_graph_scores
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+    from featurelens.circuits.graph import attribute
+    from featurelens.circuits.prune import graph_scores
+    from featurelens.saes.circuit_tracer import save_circuit_tracer_clt
+    from featurelens.testing import random_clt
+
+    folder, model = _folder(tmp_path)
+    ours_tc = random_clt(3, 64, 48, skip=False, scale=0.15, seed=21, threshold=0.15)
+    path = save_circuit_tracer_clt(ours_tc, tmp_path / "clt")
+    import yaml
+
+    cfg = yaml.safe_load((path / "config.yaml").read_text())
+    theirs_tc = load_clt(str(path), feature_input_hook=cfg["feature_input_hook"],
+                         feature_output_hook=cfg["feature_output_hook"], scan="x", device=torch.device("cpu"),
+                         dtype=torch.float32, lazy_decoder=False)
+    rm = ReplacementModel.from_pretrained_and_transcoders(str(folder), theirs_tc, backend="nnsight", device="cpu",
+                                                          dtype=torch.float32)
+    ids = torch.tensor([1, 17, 40, 99, 5, 63, 17, 40, 88, 12, 77])
+    theirs = ct_attribute(ids, rm, max_n_logits=10, desired_logit_prob=0.95, batch_size=16)
+    ours = attribute(model, ours_tc, ids, batch_size=16, progress=False)
+    assert torch.equal(ours.active_features, theirs.active_features.cpu())
+    assert ours.n_features > 50
+    torch.testing.assert_close(ours.activations, theirs.activation_values.cpu(), rtol=1e-4, atol=1e-5)
+    assert ours.logit_tokens.tolist() == [t.vocab_idx for t in theirs.logit_targets]
+    a, b = ours.adjacency, theirs.adjacency_matrix.cpu()
+    assert a.shape == b.shape
+    scale = float(b.abs().max())
+    assert float((a - b).abs().max()) <= 1e-4 * scale, float((a - b).abs().max()) / scale
+    rs, cs = graph_scores(ours)
+    rs_t, cs_t = compute_graph_scores(theirs)
+    assert abs(rs - rs_t) < 1e-4 and abs(cs - cs_t) < 1e-4

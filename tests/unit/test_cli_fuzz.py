@@ -190,6 +190,8 @@ CASES: list[tuple[list[str], int, str, str | None]] = [
     (["train", "--acts", "store", "--width", "16", "--k", "99999999999999999999"], 2, "must be between 1 and width", None),
     (["train", "--acts", "store", "--device", "tpu"], 2, "--device", None),
     (["train", "--acts", "store", "--arch", "nosuch"], 2, "unknown SAE architecture", None),
+    (["train", "--acts", "store", "--arch", "clt"], 2, "trains on a layer set", None),
+    (["train", "--acts", "store", "--arch", "clt,topk"], 2, "trains on a layer set", None),
     (["train", "--acts", "store", "--site", "blocks.0.hook_resid_post"], 2, "is not in store", None),
     (["train", "--model", "m"], 2, "give --acts STORE", None),
     (["eval", "sae", "--tokens", "0"], 2, "--tokens", None),

@@ -313,3 +313,36 @@ def test_refusals(tmp_path: Path) -> None:
     clt = random_clt(2, 4, 4)
     loss = clt.loss(torch.zeros(3, 8), clt.train()(torch.zeros(3, 8)), LossContext())
     assert set(loss.parts) == {"mse", "aux"}
+
+
+def test_clt_trains_from_one_pass_and_the_graph_command_reads_its_folder(tiny_llama: Any, tmp_path: Path) -> None:
+    """The streamed layer set feeds a CLT (rows of every layer concatenated, each pair satisfying mlp_L(x) = y),
+    and ``featurelens graph`` reads the saved folder and writes a viewer whose CLT features carry heads, checks
+    and output tokens."""
+    import json
+
+    from featurelens.activations.stream import stream_batches
+    from featurelens.circuits.run import GraphConfig, run_graph
+    from featurelens.training.together import clt_trainer, concat_pairs
+    from tests.conftest import random_contexts
+
+    ctx = random_contexts(n_ctx=24, ctx_len=16)
+    trainer, pairs_ = clt_trainer(tiny_llama, [0, 1, 2], "ln2.hook_normalized", "hook_mlp_out",
+                                  [SAESpec(arch="clt", width=16, k=3)],
+                                  TrainConfig(steps=5, batch_size=32, warmup_steps=1, out=str(tmp_path / "clt")), ctx, 16)
+    x, y = next(concat_pairs(stream_batches(tiny_llama, "", 32, contexts=ctx, pairs=pairs_, buffer_rows=64)))
+    d = tiny_llama.model.config.hidden_size
+    with torch.no_grad():
+        for la in range(3):
+            torch.testing.assert_close(tiny_llama.model.model.layers[la].mlp(x[:, la * d:(la + 1) * d]),
+                                       y[:, la * d:(la + 1) * d], rtol=1e-5, atol=1e-5)
+    trainer.train(concat_pairs(stream_batches(tiny_llama, "", 32, contexts=ctx, pairs=pairs_, buffer_rows=64)),
+                  progress=False)
+    folder = tmp_path / "clt" / "clt-w16-k3"
+    assert json.loads((folder / "cfg.json").read_text())["featurelens"]["extra"]["layers"] == [0, 1, 2]
+    res = run_graph(GraphConfig(prompt="hello world, hello", transcoders=str(tmp_path / "clt"), out=str(tmp_path / "g"),
+                                corpus="", n_ablate=3, top_k=3), lm=tiny_llama, progress=False)
+    g = AttributionGraph.load(tmp_path / "g" / "graph.safetensors")
+    assert g.meta["transcoders_kind"] == "cross-layer" and g.n_features == res["n_active_features"] > 10
+    data = json.loads((tmp_path / "g" / "graph.json").read_text())
+    assert sum(n["feature_type"] == "embedding" for n in data["nodes"]) == res["n_tokens"]
