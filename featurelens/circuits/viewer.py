@@ -51,9 +51,12 @@ if (hash.get('clickedId')) q.clickedId = hash.get('clickedId');
 if (hash.get('pinnedIds')) q.pinnedIds = hash.get('pinnedIds').split(',').filter(Boolean);
 const pinned = new Set(q.pinnedIds);
 const byId = {}; G.nodes.forEach(n => byId[n.node_id] = n);
-const nLayers = Math.max(0, ...G.nodes.filter(n => n.layer !== 'E').map(n => +n.layer));
+// logits sit at layer n_layers + 1 in the ids: their row comes right after the last layer's
+const isLogit = n => n.feature_type === 'logit';
+const nLayers = Math.max(0, ...G.nodes.filter(isLogit).map(n => +n.layer - 1),
+  ...G.nodes.filter(n => n.layer !== 'E' && !isLogit(n)).map(n => +n.layer + 1));
 const nPos = meta.prompt_tokens.length;
-const rowOf = n => n.layer === 'E' ? 0 : (+n.layer + 1);
+const rowOf = n => n.layer === 'E' ? 0 : (isLogit(n) ? nLayers + 1 : +n.layer + 1);
 const colW = Math.max(70, Math.min(140, 1100 / Math.max(1, nPos))), rowH = Math.max(18, Math.min(40, 760 / (nLayers + 2)));
 const W = 60 + colW * nPos, H = 40 + rowH * (nLayers + 2);
 const cells = {};

@@ -84,3 +84,5 @@ def test_viewer_renders_a_known_graph_in_chromium(tmp_path: Path) -> None:
     assert "via L0.H1 0.75, L1.H3 -0.10" in dom  # the heads carrying the clicked node's input edge
     assert "a&lt;/script&gt;" in dom  # the token text stayed text (drawn as an axis label)
     assert "<i>" not in dom.split("<body>")[1].split("</h1>")[0]   # the title was escaped
+    # one row per layer between the embeddings and the logits: no empty row for the logits' id layer (2 + 1)
+    assert re.findall(r'<text x="4"[^>]*class="lbl"[^>]*>([^<]*)</text>', dom) == ["emb", "L0", "L1", "logit"]
