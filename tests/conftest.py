@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,6 +13,18 @@ from featurelens.models.loading import LoadedModel
 from featurelens.testing import CharTokenizer, tiny_model
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class Killed(Exception):
+    """Raised by :func:`killing` to stand in for a process killed mid-run."""
+
+
+def killing(it: Iterator[Any], at: int) -> Iterator[Any]:
+    """Yield ``it``'s items, raising :class:`Killed` when item ``at`` is asked for."""
+    for i, b in enumerate(it):
+        if i == at:
+            raise Killed
+        yield b
 
 
 def random_contexts(n_ctx: int = 24, ctx_len: int = 16, vocab: int = 128, seed: int = 0) -> Contexts:

@@ -65,6 +65,11 @@ Llama-family and Gemma 3 models; for Gemma 2 pass ``input_hook="ln2.hook_normali
 _FROM_CT = {"mlp.hook_in": "ln2.hook_normalized", "mlp.hook_out": "hook_mlp_out"}
 
 
+def _write_config(folder: Path, kind: str, k_in: str, k_out: str, scan: str) -> None:
+    (folder / "config.yaml").write_text(f"model_kind: {kind}\nfeature_input_hook: {k_in}\nfeature_output_hook: {k_out}\n"
+                                        f"scan: {json.dumps(scan or 'featurelens')}\n")
+
+
 def save_circuit_tracer(transcoders: Sequence[SAE], path: str | os.PathLike[str], scan: str = "",
                         overwrite: bool = False, input_hook: str | None = None) -> Path:
     """Write one transcoder per block ``0 .. N-1`` in circuit-tracer's layout (a whole folder, then rename).
@@ -102,9 +107,7 @@ def save_circuit_tracer(transcoders: Sequence[SAE], path: str | os.PathLike[str]
         for layer, tc in by_layer.items():
             save_file(_tensors(tc), str(tmp / f"layer_{layer}.safetensors"))
             (tmp / f"layer_{layer}.cfg.json").write_text(json.dumps(tc.saelens_config(), indent=1, allow_nan=False))
-        scan_name = scan or (by_layer[0].cfg.model_name or "featurelens")
-        (tmp / "config.yaml").write_text(f"model_kind: transcoder_set\nfeature_input_hook: {k_in}\n"
-                                         f"feature_output_hook: {k_out}\nscan: {json.dumps(scan_name)}\n")
+        _write_config(tmp, "transcoder_set", k_in, k_out, scan or by_layer[0].cfg.model_name)
     return Path(path)
 
 
@@ -133,9 +136,7 @@ def save_circuit_tracer_clt(clt: CrossLayerTranscoder, path: str | os.PathLike[s
                        f"threshold_{i}": thr[i].contiguous()}, str(tmp / f"W_enc_{i}.safetensors"))
             save_file({f"W_dec_{i}": clt.decoder(i).detach().contiguous().float()}, str(tmp / f"W_dec_{i}.safetensors"))
         (tmp / "featurelens_clt.json").write_text(json.dumps(clt.saelens_config(), indent=1, allow_nan=False))
-        scan_name = scan or (clt.cfg.model_name or "featurelens")
-        (tmp / "config.yaml").write_text(f"model_kind: cross_layer_transcoder\nfeature_input_hook: {k_in}\n"
-                                         f"feature_output_hook: {k_out}\nscan: {json.dumps(scan_name)}\n")
+        _write_config(tmp, "cross_layer_transcoder", k_in, k_out, scan or clt.cfg.model_name)
     return Path(path)
 
 

@@ -46,7 +46,7 @@ from featurelens.saes.base import (
     SAEOutput,
     geometric_median,
 )
-from featurelens.saes.batchtopk import THRESHOLD_MOMENTUM
+from featurelens.saes.batchtopk import THRESHOLD_MOMENTUM, BatchTopKSAE
 from featurelens.saes.registry import register
 from featurelens.saes.topk import total_variance
 
@@ -290,15 +290,13 @@ class CrossLayerTranscoder(SAE):
                 "featurelens": {"format": FORMAT_VERSION, **dataclasses.asdict(c)}}
 
     def weights_for_saving(self) -> dict[str, Tensor]:
-        w = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        w.pop("threshold_initialised", None)
-        w.pop("layer_weight", None)
-        return w
+        """Everything but the training-only buffers; ``W_skip`` as applied, ``[L, d_in, d_out]``."""
+        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                if k not in ("threshold_initialised", "layer_weight")}
 
     @staticmethod
     def weights_from_saved(w: dict[str, Tensor]) -> dict[str, Tensor]:
-        w = dict(w)
-        w.setdefault("threshold_initialised", torch.tensor(True))
-        if "layer_weight" not in w and "b_dec" in w:
+        w = BatchTopKSAE.weights_from_saved(w)
+        if "layer_weight" not in w and "b_dec" in w:  # training-only: the loss weights are not saved
             w["layer_weight"] = torch.ones(w["b_dec"].shape[0])
         return w

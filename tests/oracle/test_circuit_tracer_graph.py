@@ -7,6 +7,7 @@ skipped where circuit-tracer is missing."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -37,14 +38,37 @@ def _transcoders(arch: str, skip: bool) -> list[SAE]:
     return random_transcoders(arch, 3, 64, 48, skip=skip, scale=0.15, seed=20, k=6)
 
 
-@pytest.mark.parametrize(("arch", "skip"), [("relu", True), ("jumprelu", False)])
-def test_graph_equals_circuit_tracer(arch: str, skip: bool, tmp_path: Path) -> None:
+def _both(folder: Path, model: torch.nn.Module, ours_tc: Any, theirs_tc: Any) -> tuple[Any, Any]:
+    """circuit-tracer's graph and ours of one prompt, after checking they agree on the features, their
+    activations, the logit targets and probabilities, and the adjacency (to 1e-4 of its largest entry)."""
     from circuit_tracer import ReplacementModel
     from circuit_tracer import attribute as ct_attribute
+
+    from featurelens.circuits.graph import attribute
+
+    rm = ReplacementModel.from_pretrained_and_transcoders(str(folder), theirs_tc, backend="nnsight", device="cpu",
+                                                          dtype=torch.float32)
+    ids = torch.tensor([1, 17, 40, 99, 5, 63, 17, 40, 88, 12, 77])
+    theirs = ct_attribute(ids, rm, max_n_logits=10, desired_logit_prob=0.95, batch_size=16)
+    ours = attribute(model, ours_tc, ids, batch_size=16, progress=False)
+    assert torch.equal(ours.active_features, theirs.active_features.cpu())
+    assert ours.n_features > 50  # enough features for the comparison to mean something
+    torch.testing.assert_close(ours.activations, theirs.activation_values.cpu(), rtol=1e-4, atol=1e-5)
+    assert ours.logit_tokens.tolist() == [t.vocab_idx for t in theirs.logit_targets]
+    torch.testing.assert_close(ours.logit_probs, theirs.logit_probabilities.cpu(), rtol=1e-4, atol=1e-6)
+    a, b = ours.adjacency, theirs.adjacency_matrix.cpu()
+    assert a.shape == b.shape
+    scale = float(b.abs().max())
+    assert float((a - b).abs().max()) <= 1e-4 * scale, float((a - b).abs().max()) / scale
+    assert float(b.abs().sum()) > 0 and float((b != 0).float().mean()) > 0.05
+    return ours, theirs
+
+
+@pytest.mark.parametrize(("arch", "skip"), [("relu", True), ("jumprelu", False)])
+def test_graph_equals_circuit_tracer(arch: str, skip: bool, tmp_path: Path) -> None:
     from circuit_tracer.graph import compute_graph_scores, prune_graph
     from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
 
-    from featurelens.circuits.graph import attribute
     from featurelens.circuits.prune import graph_scores, prune
 
     folder, model = _folder(tmp_path)
@@ -57,22 +81,7 @@ def test_graph_equals_circuit_tracer(arch: str, skip: bool, tmp_path: Path) -> N
                                     feature_input_hook=cfg["feature_input_hook"],
                                     feature_output_hook=cfg["feature_output_hook"],
                                     device=torch.device("cpu"), lazy_encoder=False, lazy_decoder=False)
-    rm = ReplacementModel.from_pretrained_and_transcoders(str(folder), theirs_tc, backend="nnsight", device="cpu",
-                                                          dtype=torch.float32)
-    ids = torch.tensor([1, 17, 40, 99, 5, 63, 17, 40, 88, 12, 77])
-    theirs = ct_attribute(ids, rm, max_n_logits=10, desired_logit_prob=0.95, batch_size=16)
-    ours = attribute(model, ours_tc, ids, batch_size=16, progress=False)
-
-    assert torch.equal(ours.active_features, theirs.active_features.cpu())
-    assert ours.n_features > 50  # enough features for the comparison to mean something
-    torch.testing.assert_close(ours.activations, theirs.activation_values.cpu(), rtol=1e-4, atol=1e-5)
-    assert ours.logit_tokens.tolist() == [t.vocab_idx for t in theirs.logit_targets]
-    torch.testing.assert_close(ours.logit_probs, theirs.logit_probabilities.cpu(), rtol=1e-4, atol=1e-6)
-    a, b = ours.adjacency, theirs.adjacency_matrix.cpu()
-    assert a.shape == b.shape
-    scale = float(b.abs().max())
-    assert float((a - b).abs().max()) <= 1e-4 * scale, float((a - b).abs().max()) / scale
-    assert float(b.abs().sum()) > 0 and float((b != 0).float().mean()) > 0.05
+    ours, theirs = _both(folder, model, ours_tc, theirs_tc)
 
     p_ours = prune(ours, 0.8, 0.98)
     p_theirs = prune_graph(theirs, 0.8, 0.98)
@@ -87,12 +96,9 @@ def test_graph_equals_circuit_tracer(arch: str, skip: bool, tmp_path: Path) -> N
 def test_clt_graph_equals_circuit_tracer(tmp_path: Path) -> None:
     """A cross-layer transcoder written in circuit-tracer's CLT layout, loaded there with its own ``load_clt``:
     the same features, logits, adjacency (every feature writes to every later layer) and scores."""
-    from circuit_tracer import ReplacementModel
-    from circuit_tracer import attribute as ct_attribute
     from circuit_tracer.graph import compute_graph_scores
     from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
 
-    from featurelens.circuits.graph import attribute
     from featurelens.circuits.prune import graph_scores
     from featurelens.saes.circuit_tracer import save_circuit_tracer_clt
     from featurelens.testing import random_clt
@@ -106,19 +112,7 @@ def test_clt_graph_equals_circuit_tracer(tmp_path: Path) -> None:
     theirs_tc = load_clt(str(path), feature_input_hook=cfg["feature_input_hook"],
                          feature_output_hook=cfg["feature_output_hook"], scan="x", device=torch.device("cpu"),
                          dtype=torch.float32, lazy_decoder=False)
-    rm = ReplacementModel.from_pretrained_and_transcoders(str(folder), theirs_tc, backend="nnsight", device="cpu",
-                                                          dtype=torch.float32)
-    ids = torch.tensor([1, 17, 40, 99, 5, 63, 17, 40, 88, 12, 77])
-    theirs = ct_attribute(ids, rm, max_n_logits=10, desired_logit_prob=0.95, batch_size=16)
-    ours = attribute(model, ours_tc, ids, batch_size=16, progress=False)
-    assert torch.equal(ours.active_features, theirs.active_features.cpu())
-    assert ours.n_features > 50
-    torch.testing.assert_close(ours.activations, theirs.activation_values.cpu(), rtol=1e-4, atol=1e-5)
-    assert ours.logit_tokens.tolist() == [t.vocab_idx for t in theirs.logit_targets]
-    a, b = ours.adjacency, theirs.adjacency_matrix.cpu()
-    assert a.shape == b.shape
-    scale = float(b.abs().max())
-    assert float((a - b).abs().max()) <= 1e-4 * scale, float((a - b).abs().max()) / scale
+    ours, theirs = _both(folder, model, ours_tc, theirs_tc)
     rs, cs = graph_scores(ours)
     rs_t, cs_t = compute_graph_scores(theirs)
     assert abs(rs - rs_t) < 1e-4 and abs(cs - cs_t) < 1e-4

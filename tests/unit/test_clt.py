@@ -26,6 +26,7 @@ from featurelens.saes.clt import CrossLayerTranscoder
 from featurelens.testing import random_clt, tiny_model
 from featurelens.training import SAESpec, TrainConfig, train_saes
 from featurelens.training.config import SAEMeta
+from tests.conftest import Killed, killing
 
 IDS = torch.tensor([1, 40, 17, 99, 5, 63, 17, 40, 88])
 
@@ -89,15 +90,6 @@ def _fvu(pred: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def test_clt_learns_a_cross_layer_map_and_resumes_bit_identically(tmp_path: Path) -> None:
-    class Killed(Exception):
-        pass
-
-    def killing(it: Iterator[tuple[torch.Tensor, torch.Tensor]], at: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for i, b in enumerate(it):
-            if i == at:
-                raise Killed
-            yield b
-
     spec = [SAESpec(arch="clt", width=32, k=3, lr=3e-3)]
     cfg = dict(steps=300, batch_size=128, checkpoint_every=100, warmup_steps=10, dead_tokens=5000, log_every=50)
     ref = train_saes(spec, _cross(), TrainConfig(out=str(tmp_path / "ref"), **cfg), d_in=2 * D, meta=META_CLT,  # type: ignore[arg-type]

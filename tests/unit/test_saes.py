@@ -33,7 +33,7 @@ def make(arch: str, seed: int = 0, **kw: object) -> SAE:
 
 
 def test_registry_lists_every_architecture() -> None:
-    assert sorted(ALL) == architectures()
+    assert sorted([*ALL, "clt"]) == architectures()  # clt: a cross-layer transcoder, no SAE (tests/unit/test_clt.py)
     with pytest.raises(FeatureLensError, match="unknown SAE architecture 'nope'.*topk"):
         get_architecture("nope")
 
