@@ -171,6 +171,13 @@ def test_replacement_model_equals_the_weight_edit() -> None:
         want = edited(input_ids=ids).logits
     torch.testing.assert_close(replaced, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(before, after) and not torch.allclose(before, replaced)
+    from featurelens.evaluation.replacement import transcoder_metrics
+
+    m = transcoder_metrics(model, [clt], [(ids, torch.ones_like(ids, dtype=torch.bool))])
+    assert m["targets"] == [f"blocks.{i}.hook_mlp_out" for i in range(L)] and len(m["fvu"]) == L
+    lp = torch.log_softmax(want[:, :-1], -1)
+    assert m["ce_replacement"] == pytest.approx(float(-lp.gather(-1, ids[:, 1:, None]).mean()), rel=1e-5)
+    assert min(m["fvu"]) >= 1 - 1e-6  # a constant prediction cannot explain any variance
 
 
 def _per_layer_from(clt: CrossLayerTranscoder) -> list:
