@@ -245,6 +245,16 @@ def _train_layer_set(src: TrainSource, cfg: Any, specs: list) -> int:
     return 0
 
 
+def _cmd_browse(ns: argparse.Namespace) -> int:
+    from featurelens.browse.run import BrowseConfig, browse
+
+    res = browse(dataclass_from_args(BrowseConfig, ns), sae_paths=ns.saes)
+    for r in res["dictionaries"]:
+        print(json.dumps({k: r[k] for k in ("name", "n_latents", "dead", "n_tokens", "seconds_activations", "seconds_pages")}))
+    print(f"open: {res['index']}")
+    return 0
+
+
 def _cmd_eval(ns: argparse.Namespace) -> int:
     from featurelens.evaluation.run import EvalConfig, evaluate
 
@@ -438,6 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("saes", nargs="+", help="SAE folders (featurelens/SAELens/sparsify) or Gemma Scope params.npz")
     add_dataclass_args(sp, EvalConfig)
     sp.set_defaults(func=_cmd_eval)
+
+    from featurelens.browse.run import BrowseConfig
+
+    sp = sub.add_parser("browse", help="feature browser: every latent's contexts, histograms, tokens, search; "
+                        "static pages", description=BrowseConfig.__doc__)
+    sp.add_argument("saes", nargs="+", help="SAE or transcoder folders (featurelens/SAELens/sparsify) or Gemma Scope params.npz")
+    add_dataclass_args(sp, BrowseConfig)
+    sp.set_defaults(func=_cmd_browse)
 
     sp = sub.add_parser("sweep", help="train a grid of SAEs from one store, evaluate them, plot the Pareto fronts",
                         description=TrainSource.__doc__)
