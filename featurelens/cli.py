@@ -255,6 +255,13 @@ def _cmd_browse(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(ns: argparse.Namespace) -> int:
+    from featurelens.browse.serve import ServeConfig, serve
+
+    serve(dataclass_from_args(ServeConfig, ns), ns.folder)
+    return 0
+
+
 def _cmd_eval(ns: argparse.Namespace) -> int:
     from featurelens.evaluation.run import EvalConfig, evaluate
 
@@ -456,6 +463,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("saes", nargs="+", help="SAE or transcoder folders (featurelens/SAELens/sparsify) or Gemma Scope params.npz")
     add_dataclass_args(sp, BrowseConfig)
     sp.set_defaults(func=_cmd_browse)
+
+    from featurelens.browse.serve import ServeConfig
+
+    sp = sub.add_parser("serve", help="serve a feature browser folder with the prompt view (runs the model locally)",
+                        description=ServeConfig.__doc__)
+    sp.add_argument("folder", help="a folder made by featurelens browse")
+    add_dataclass_args(sp, ServeConfig)
+    sp.set_defaults(func=_cmd_serve)
 
     sp = sub.add_parser("sweep", help="train a grid of SAEs from one store, evaluate them, plot the Pareto fronts",
                         description=TrainSource.__doc__)

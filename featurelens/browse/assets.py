@@ -170,3 +170,34 @@ window.addEventListener('DOMContentLoaded', () => show().catch(e => console.erro
 def latent_page(shard: int) -> str:
     """The latent page with its shard size filled in."""
     return LATENT_HTML.replace("const NS =", f"const SHARD = {int(shard)};\nconst NS =", 1)
+
+
+PROMPT_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>featurelens prompt view</title>
+<style>""" + _STYLE + """ .tok { display: inline-block; vertical-align: top; margin: 0 4px 10px 0; border: 1px solid #eee; padding: 2px 4px; }
+.tok .t { background: #f6f6f6; } .lat { display: block; font-size: 11px; }</style></head><body>
+<p><a href="index.html">all latents</a> <span id="status"></span></p>
+<h2>prompt view</h2>
+<p class="small" id="note">Runs the model: open this page through <code>featurelens serve</code> (from the file system it cannot).</p>
+<p><textarea id="text" rows="3" cols="80"></textarea><br><button id="go">show latents</button></p>
+<div id="out"></div>
+<script>""" + _COMMON + """
+async function run() {
+  const text = document.getElementById('text').value, st = document.getElementById('status');
+  const out = document.getElementById('out'); out.replaceChildren();
+  if (location.protocol === 'file:') { st.dataset.error = 'file'; return; }
+  const r = await fetch('/api/prompt', {method: 'POST', headers: {'Content-Type': 'application/json'},
+    body: JSON.stringify({text: text, dictionary: DATA.index.meta.name})});
+  const res = await r.json();
+  if (!r.ok) { out.appendChild(el('p', res.error)); st.dataset.error = res.error; return; }
+  res.tokens.forEach(t => { const d = el('div', null, 'tok'); d.appendChild(el('span', JSON.stringify(t.token), 't'));
+    t.latents.forEach(([j, v]) => { const a = el('a', j + ' ' + fmt(v), 'lat'); a.href = 'latent.html#id=' + j; d.appendChild(a); });
+    out.appendChild(d); });
+  st.dataset.tokens = res.tokens.length; st.dataset.first = res.tokens.map(t => (t.latents[0] || [''])[0]).join(',');
+  history.replaceState(null, '', '#text=' + encodeURIComponent(text));
+}
+window.addEventListener('DOMContentLoaded', () => {
+  document.getElementById('go').onclick = () => run().catch(e => console.error(e.message));
+  const t = params().get('text'); if (t) { document.getElementById('text').value = t; run().catch(e => console.error(e.message)); }
+});
+</script><script src="data/index.js"></script></body></html>
+"""

@@ -103,7 +103,8 @@ def browse(cfg: BrowseConfig, sae_paths: list[str], lm: Any = None, saes: list[A
             page = write_browser(out / name, name, table, acts, W_dec,
                                  W_U.cpu() if W_U.shape[1] == W_dec.shape[1] else None, tok,
                                  {"model": lm.name, "site": sae.cfg.hook_name, "architecture": sae.architecture})
-            results.append({"name": name, "index": str(page), "n_latents": int(sae.cfg.d_sae), "n_tokens": table.n_tokens,
+            results.append({"name": name, "index": str(page), "sae_path": str(Path(sae_paths[len(results)]).resolve())
+                            if sae_paths else "", "n_latents": int(sae.cfg.d_sae), "n_tokens": table.n_tokens,
                             "n_activations": int(acts.value.size), "dead": int((table.fires == 0).sum()),
                             "seconds_activations": round(t1 - t0, 2), "seconds_pages": round(time.perf_counter() - t1, 2)})
             if progress:
@@ -113,6 +114,6 @@ def browse(cfg: BrowseConfig, sae_paths: list[str], lm: Any = None, saes: list[A
                         f"tokens</span></li>" for r in results)
         index = write_page(out / "index.html", f"featurelens browser: {lm.name}",
                            f"<h1>featurelens browser</h1><p>{html.escape(lm.name)}</p><ul>{items}</ul>")
-        summary = {"index": str(index), "dictionaries": results}
+        summary = {"index": str(index), "model": cfg.model, "dictionaries": results}
         atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
     return summary

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from featurelens.browse.assets import INDEX_HTML, latent_page
+from featurelens.browse.assets import INDEX_HTML, PROMPT_HTML, latent_page
 from featurelens.browse.collect import LatentTable, SparseActivations
 
 SHARD = 64
@@ -156,4 +156,5 @@ def write_browser(out: Path, name: str, table: LatentTable, acts: SparseActivati
         (tmp / "data" / "tokens.js").write_bytes(_js("tokens", _token_index(acts, tok)))
         (tmp / "index.html").write_text(INDEX_HTML, encoding="utf-8")
         (tmp / "latent.html").write_text(latent_page(SHARD), encoding="utf-8")
+        (tmp / "prompt.html").write_text(PROMPT_HTML, encoding="utf-8")
     return out / "index.html"

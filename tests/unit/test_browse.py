@@ -164,3 +164,60 @@ def test_browser_pages_in_chromium(tiny_llama, tmp_path) -> None:  # type: ignor
     shot = tmp_path / "latent.png"
     _dump(exe, (page.parent / "latent.html").as_uri() + f"#id={planted}", shot=str(shot))
     assert shot.stat().st_size > 5000
+
+
+def test_prompt_view_over_the_local_server(tiny_llama, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``/api/prompt`` answers the latents an independent encode gives; the prompt page shows them through the
+    server; files outside the folder are not served; bad requests are 400s with a message."""
+    import json
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from featurelens.browse.run import BrowseConfig, browse
+    from featurelens.browse.serve import PromptView, make_server
+    from featurelens.models.hooks import ActivationCapture
+    from featurelens.saes import SAEConfig, get_architecture
+
+    exe = _chromium()
+    site = "blocks.1.hook_resid_post"
+    d = tiny_llama.model.config.hidden_size
+    sae = get_architecture("topk")(SAEConfig(architecture="topk", d_in=d, d_sae=30, k=3, hook_name=site)).eval()
+    path = sae.save(tmp_path / "s" / "sae")
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("the cat sat on the mat. " * 80)
+    res = browse(BrowseConfig(out=str(tmp_path / "b"), corpus=str(corpus), split="all", tokens=1000, context_length=32,
+                              device="cpu"), sae_paths=[str(path)], lm=tiny_llama, progress=False)
+    name = res["dictionaries"][0]["name"]
+    (tmp_path / "secret.txt").write_text("no")
+    server = make_server(tmp_path / "b", PromptView(tiny_llama, {name: sae}, top=2), 0)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        req = urllib.request.Request(base + "/api/prompt", json.dumps({"text": "the cat", "dictionary": name}).encode(),
+                                     {"Content-Type": "application/json"})
+        got = json.loads(urllib.request.urlopen(req, timeout=30).read())
+        ids = tiny_llama.tokenizer("the cat", add_special_tokens=True)["input_ids"]
+        with torch.no_grad(), ActivationCapture(tiny_llama.model, [site]) as cap:
+            a = sae.encode(cap.forward(torch.tensor([ids]))[site][0])
+        assert len(got["tokens"]) == len(ids)
+        for row, col in zip(got["tokens"], a):
+            v, i = col.topk(2)
+            assert [j for j, _ in row["latents"]] == [int(j) for x, j in zip(v, i) if x > 0]
+        for bad, code in [({"text": "", "dictionary": name}, 400), ({"text": "x", "dictionary": "nope"}, 400)]:
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(urllib.request.Request(base + "/api/prompt", json.dumps(bad).encode()), timeout=30)
+            assert e.value.code == code and "error" in json.loads(e.value.read())
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(base + "/../secret.txt", timeout=30)
+        assert e.value.code == 404
+        dom, console = _dump(exe, f"{base}/{name}/prompt.html#text=the%20cat")
+        assert not console, console
+        st = _status(dom)
+        assert st["tokens"] == str(len(ids))
+        assert st["first"].split(",") == [str(r["latents"][0][0]) if r["latents"] else "" for r in got["tokens"]]
+    finally:
+        server.shutdown()
+        server.server_close()
