@@ -262,6 +262,14 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explain(ns: argparse.Namespace) -> int:
+    from featurelens.browse.explain_run import ExplainConfig, explain_browser
+
+    res = explain_browser(dataclass_from_args(ExplainConfig, ns), ns.folder)
+    print(json.dumps(res))
+    return 0
+
+
 def _cmd_eval(ns: argparse.Namespace) -> int:
     from featurelens.evaluation.run import EvalConfig, evaluate
 
@@ -471,6 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("folder", help="a folder made by featurelens browse")
     add_dataclass_args(sp, ServeConfig)
     sp.set_defaults(func=_cmd_serve)
+
+    from featurelens.browse.explain_run import ExplainConfig
+
+    sp = sub.add_parser("explain", help="explain a browser's latents with an LLM and score the explanations "
+                        "(detection, fuzzing; random-explanation baseline)", description=ExplainConfig.__doc__)
+    sp.add_argument("folder", help="one dictionary's browser folder (<featurelens browse --out>/<name>)")
+    add_dataclass_args(sp, ExplainConfig)
+    sp.set_defaults(func=_cmd_explain)
 
     sp = sub.add_parser("sweep", help="train a grid of SAEs from one store, evaluate them, plot the Pareto fronts",
                         description=TrainSource.__doc__)

@@ -94,6 +94,8 @@ function render() {
 }
 window.addEventListener('DOMContentLoaded', () => {
   const d = DATA.index; rows = d.rows;
+  const ex = DATA.explanations || {};
+  rows.forEach(r => { const e = ex[r[0]]; if (e) { r[colIndex('explanation')] = e.text; r[colIndex('score')] = e.score ?? null; } });
   document.getElementById('title').textContent = 'featurelens browser: ' + d.meta.name;
   document.getElementById('meta').textContent = d.meta.n_latents + ' latents, ' + d.meta.n_tokens + ' tokens' +
     (d.meta.model ? ', model ' + d.meta.model : '') + (d.meta.site ? ', site ' + d.meta.site : '');
@@ -108,7 +110,7 @@ window.addEventListener('DOMContentLoaded', () => {
   document.getElementById('next').onclick = () => { page += 1; render(); };
   render();
 });
-</script><script src="data/index.js"></script></body></html>
+</script><script src="data/index.js"></script><script src="data/explanations.js"></script></body></html>
 """
 
 LATENT_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>featurelens latent</title>
@@ -145,8 +147,11 @@ async function show() {
   document.getElementById('stats').textContent = 'fires on ' + L.fires + ' tokens (density ' + fmt(L.density, 5) + '), max ' +
     fmt(L.max) + ', mean when firing ' + fmt(L.mean);
   const ex = document.getElementById('expl'); ex.replaceChildren();
-  if (L.explanation) { ex.appendChild(el('b', 'explanation: ')); ex.appendChild(el('span', L.explanation.text));
-    if (L.explanation.score !== undefined) ex.appendChild(el('span', ' (score ' + fmt(L.explanation.score) + ')', 'small')); }
+  const E = L.explanation || (DATA.explanations || {})[id];
+  if (E) { ex.appendChild(el('b', 'explanation: ')); ex.appendChild(el('span', E.text));
+    if (E.score !== undefined && E.score !== null) ex.appendChild(el('span', ' (detection ' + fmt(E.score) +
+      (E.fuzzing !== undefined ? ', fuzzing ' + fmt(E.fuzzing) : '') + '; random explanation: ' + fmt(E.random_score) + ')', 'small'));
+    st.dataset.explanation = E.text; }
   document.getElementById('hist').appendChild(bars(L.hist, 'bar', 260, 80));
   document.getElementById('histax').textContent = '0 .. ' + fmt(L.max);
   [['up', L.up || []], ['down', L.down || []]].forEach(([tid, list]) => { const t = document.getElementById(tid);
@@ -163,7 +168,7 @@ async function show() {
 }
 window.addEventListener('hashchange', () => show().catch(e => console.error(e.message)));
 window.addEventListener('DOMContentLoaded', () => show().catch(e => console.error(e.message)));
-</script></body></html>
+</script><script src="data/explanations.js"></script></body></html>
 """
 
 

@@ -52,15 +52,31 @@ def _contexts(flats: np.ndarray, acts: SparseActivations, seg: tuple[np.ndarray,
     T = acts.tokens.shape[1]
     seg_flat, seg_val = seg
     out = []
-    for f in flats[flats >= 0].tolist():  # a latent with an example has at least one activation: seg not empty
+    for f in flats[flats >= 0].tolist():
         c, p = divmod(int(f), T)
         lo, hi = max(0, p - before), min(T, p + after + 1)
         pos = c * T + np.arange(lo, hi)
-        j = np.searchsorted(seg_flat, pos).clip(0, seg_flat.size - 1)
-        a = np.where(seg_flat[j] == pos, seg_val[j], 0.0)
+        if seg_flat.size == 0:  # a latent that never fires (its non-activating examples)
+            a = np.zeros(pos.size)
+        else:
+            j = np.searchsorted(seg_flat, pos).clip(0, seg_flat.size - 1)
+            a = np.where(seg_flat[j] == pos, seg_val[j], 0.0)
         out.append({"t": [tok(int(t)) for t in acts.tokens[c, lo:hi]], "a": [round(float(v), 3) for v in a],
                     "p": p - lo, "ctx": c})
     return out
+
+
+def _quiet_windows(seg_flat: np.ndarray, acts: SparseActivations, rng: np.random.Generator, n: int, before: int,
+                   after: int, tries: int = 8) -> np.ndarray:
+    """Up to ``n`` random window centres (flat indices) where the latent (active at ``seg_flat``, sorted) is
+    zero on every token of the window: the non-activating examples autointerp's scorers are shown."""
+    T = acts.tokens.shape[1]
+    cand = rng.integers(0, acts.tokens.size, n * tries)
+    c, p = np.divmod(cand, T)
+    lo, hi = c * T + np.maximum(0, p - before), c * T + np.minimum(T - 1, p + after)
+    # the window is quiet when no activation position falls in [lo, hi]
+    quiet = np.searchsorted(seg_flat, lo, side="left") == np.searchsorted(seg_flat, hi, side="right")
+    return cand[quiet][:n].astype(np.int64)
 
 
 def _token_index(acts: SparseActivations, tok: _Tokens, per_token: int = 8, min_count: int = 2) -> dict[str, list[list[Any]]]:
@@ -115,9 +131,26 @@ def _decoder_views(W_dec: torch.Tensor, W_U: torch.Tensor | None, tok: _Tokens, 
     return views
 
 
+def read_data(folder: Path, name: str) -> Any:
+    """The payload of ``data/{name}.js`` in a browser folder."""
+    from featurelens.errors import FeatureLensError
+
+    p = folder / "data" / f"{name}.js"
+    head = f"window.featurelens_data({json.dumps(name)}, "
+    try:
+        text = p.read_text(encoding="utf-8").strip()
+        if not (text.startswith(head) and text.endswith(");")):
+            raise ValueError("not a featurelens data file")
+        return json.loads(text[len(head):-2])
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise FeatureLensError(f"{p} is missing or damaged ({type(e).__name__}): rebuild the browser with featurelens "
+                               "browse") from None
+
+
 def write_browser(out: Path, name: str, table: LatentTable, acts: SparseActivations, W_dec: torch.Tensor,
                   W_U: torch.Tensor | None, decode: Callable[[int], str], meta: dict[str, Any],
-                  explanations: dict[int, dict[str, Any]] | None = None, before: int = 12, after: int = 4) -> Path:
+                  explanations: dict[int, dict[str, Any]] | None = None, before: int = 12, after: int = 4,
+                  n_neg: int = 10, seed: int = 0) -> Path:
     """Write the browser into ``out`` (an empty or featurelens-made folder, replaced whole)."""
     from featurelens.atomic import atomic_dir
 
@@ -128,6 +161,7 @@ def write_browser(out: Path, name: str, table: LatentTable, acts: SparseActivati
     bounds = np.searchsorted(lat_sorted, np.arange(L + 1))
     views = _decoder_views(W_dec, W_U, tok)
     expl = explanations or {}
+    rng = np.random.default_rng(seed)
     rows = []
     with atomic_dir(out, KIND, overwrite=True) as tmp:
         (tmp / "data").mkdir()
@@ -137,12 +171,13 @@ def write_browser(out: Path, name: str, table: LatentTable, acts: SparseActivati
                 sl = order[bounds[i]:bounds[i + 1]]
                 seg = (acts.flat[sl], acts.value[sl])
                 top = _contexts(table.top_flat[i], acts, seg, tok, before, after)
+                neg = _contexts(_quiet_windows(seg[0], acts, rng, n_neg, before, after), acts, seg, tok, before, after)
                 quant = [_contexts(table.quant_flat[i, q], acts, seg, tok, before, after)
                          for q in range(table.quant_flat.shape[1])]
                 cooc = [[int(j), round(float(p), 3)] for j, p in zip(table.cooc[i], table.cooc_p[i]) if j >= 0]
                 shard.append({"id": i, "fires": int(table.fires[i]), "density": float(table.density[i]),
                               "max": round(float(table.max_act[i]), 4), "mean": round(float(table.mean_act[i]), 4),
-                              "hist": [int(x) for x in table.hist[i]], "top": top, "quant": quant, "cooc": cooc,
+                              "hist": [int(x) for x in table.hist[i]], "top": top, "quant": quant, "neg": neg, "cooc": cooc,
                               **views[i], **({"explanation": expl[i]} if i in expl else {})})
                 peak = [c["t"][c["p"]] for c in top[:5]]
                 rows.append([i, float(table.density[i]), round(float(table.max_act[i]), 4),
@@ -154,6 +189,7 @@ def write_browser(out: Path, name: str, table: LatentTable, acts: SparseActivati
                 "columns": ["id", "density", "max", "mean", "peak_tokens", "promotes", "explanation", "score"]}
         (tmp / "data" / "index.js").write_bytes(_js("index", {"meta": info, "rows": rows}))
         (tmp / "data" / "tokens.js").write_bytes(_js("tokens", _token_index(acts, tok)))
+        (tmp / "data" / "explanations.js").write_bytes(_js("explanations", {}))  # featurelens explain fills it
         (tmp / "index.html").write_text(INDEX_HTML, encoding="utf-8")
         (tmp / "latent.html").write_text(latent_page(SHARD), encoding="utf-8")
         (tmp / "prompt.html").write_text(PROMPT_HTML, encoding="utf-8")
