@@ -45,11 +45,18 @@ class BrowseConfig:
     """Seed for the interval samples."""
     device: str = "auto"
     """cpu, cuda or auto."""
+    directions: str = ""
+    """Also browse direction vectors: a .safetensors of [n, d] rows, or a folder saved by featurelens refusal;
+    each direction's activation is its positive projection at --directions-site."""
+    directions_site: str = ""
+    """The site the directions are read at (e.g. blocks.12.hook_resid_post)."""
 
     def __post_init__(self) -> None:
         check_ranges(self, positive=("tokens", "context_length", "batch_size", "top", "quantiles", "per_quantile"),
                      non_negative=("seed",))
         check_device(self.device)
+        if bool(self.directions) != bool(self.directions_site):
+            raise UsageError("--directions and --directions-site go together: give the vectors and the site they read")
 
 
 def _name(path: str) -> str:
@@ -72,10 +79,19 @@ def browse(cfg: BrowseConfig, sae_paths: list[str], lm: Any = None, saes: list[A
     from featurelens.saes.clt import CrossLayerTranscoder
 
     if saes is None:
-        if not sae_paths:
-            raise UsageError("no dictionary given: pass one or more SAE folders (featurelens browse runs/saes/topk-...)")
+        if not sae_paths and not cfg.directions:
+            raise UsageError("no dictionary given: pass one or more SAE folders (featurelens browse runs/saes/topk-...) "
+                             "or --directions")
         saes = [load_sae(p) for p in sae_paths]
     names = [_name(p) for p in sae_paths] if sae_paths else [f"sae{i}" for i in range(len(saes))]
+    labels: dict[int, list[str]] = {}
+    if cfg.directions:
+        from featurelens.browse.directions import load_directions
+
+        dd = load_directions(cfg.directions, cfg.directions_site)
+        labels[len(saes)] = dd.labels
+        saes = [*saes, dd]
+        names = [*names, "directions-" + _name(cfg.directions)]
     if len(set(names)) < len(names):
         names = [f"{i}-{n}" for i, n in enumerate(names)]
     for s in saes:
@@ -102,9 +118,12 @@ def browse(cfg: BrowseConfig, sae_paths: list[str], lm: Any = None, saes: list[A
             W_dec = sae.W_dec.detach().cpu()
             page = write_browser(out / name, name, table, acts, W_dec,
                                  W_U.cpu() if W_U.shape[1] == W_dec.shape[1] else None, tok,
-                                 {"model": lm.name, "site": sae.cfg.hook_name, "architecture": sae.architecture})
-            results.append({"name": name, "index": str(page), "sae_path": str(Path(sae_paths[len(results)]).resolve())
-                            if sae_paths else "", "n_latents": int(sae.cfg.d_sae), "n_tokens": table.n_tokens,
+                                 {"model": lm.name, "site": sae.cfg.hook_name, "architecture": sae.architecture},
+                                 explanations={i: {"text": t} for i, t in enumerate(labels.get(len(results), []))})
+            is_dir = getattr(sae, "architecture", "") == "directions"
+            results.append({"name": name, "index": str(page), "site": sae.cfg.hook_name,
+                            "sae_path": "" if is_dir or len(results) >= len(sae_paths) else str(Path(sae_paths[len(results)]).resolve()),
+                            "directions": str(Path(cfg.directions).resolve()) if is_dir else "", "n_latents": int(sae.cfg.d_sae), "n_tokens": table.n_tokens,
                             "n_activations": int(acts.value.size), "dead": int((table.fires == 0).sum()),
                             "seconds_activations": round(t1 - t0, 2), "seconds_pages": round(time.perf_counter() - t1, 2)})
             if progress:

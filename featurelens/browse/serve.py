@@ -122,7 +122,10 @@ def serve(cfg: ServeConfig, folder: str, lm: Any = None) -> None:
         raise UsageError(f"{root} is not a feature browser (no summary.json): build one with featurelens browse")
     info = read_json(summary, "rebuild it with featurelens browse")
     lm = lm or load_model(cfg.model or str(info.get("model", "")), device=cfg.device)
-    saes = {d["name"]: load_sae(d["sae_path"]).to(lm.device).eval() for d in info["dictionaries"]}
+    from featurelens.browse.directions import load_directions
+
+    saes = {d["name"]: (load_sae(d["sae_path"]) if d.get("sae_path") else load_directions(d["directions"], d["site"]))
+            .to(lm.device).eval() for d in info["dictionaries"]}
     server = make_server(root, PromptView(lm, saes, cfg.top), cfg.port)
     port = server.server_address[1]
     print(f"serving {root} at http://127.0.0.1:{port}/ (prompt view: <dictionary>/prompt.html); Ctrl-C stops",

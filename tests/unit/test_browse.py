@@ -221,3 +221,34 @@ def test_prompt_view_over_the_local_server(tiny_llama, tmp_path) -> None:  # typ
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_directions_are_browsed_by_their_projection(tiny_llama, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A direction along the embedding of 'q' (read at the embeddings) peaks on 'q'; a second, random one does
+    not; labels become the explanations; a bad file is a one-line error."""
+    from safetensors.torch import save_file
+
+    from featurelens.browse.run import BrowseConfig, browse
+    from featurelens.browse.site import read_data
+
+    emb = tiny_llama.model.get_input_embeddings().weight.detach()
+    save_file({"probe": torch.stack([emb[ord("q")], torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(0))])},
+              str(tmp_path / "dirs.safetensors"))
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    rng = np.random.default_rng(2)
+    (corpus / "a.txt").write_text("".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz "), 3000)))
+    res = browse(BrowseConfig(out=str(tmp_path / "b"), corpus=str(corpus), split="all", tokens=2000, context_length=32,
+                              device="cpu", directions=str(tmp_path / "dirs.safetensors"),
+                              directions_site="blocks.0.hook_resid_pre"), sae_paths=[], lm=tiny_llama, progress=False)
+    (d,) = res["dictionaries"]
+    folder = Path(d["index"]).parent
+    shard = read_data(folder, "l0")
+    assert [c["t"][c["p"]] for c in shard[0]["top"]] == ["q"] * 20
+    assert read_data(folder, "index")["rows"][1][6] == "probe:1"
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    with pytest.raises(Exception, match="not a readable safetensors"):
+        browse(BrowseConfig(out=str(tmp_path / "b2"), directions=str(tmp_path / "bad.safetensors"),
+                            directions_site="blocks.0.hook_resid_pre"), sae_paths=[], lm=tiny_llama, progress=False)
+    with pytest.raises(UsageError, match="go together"):
+        BrowseConfig(directions="x.safetensors")
