@@ -1,0 +1,100 @@
+"""The feature browser on the demo SAE (SmolLM2-135M-Instruct, blocks.10.hook_resid_post, TopK 4096 latents),
+2 CPU cores: build every latent's pages over --tokens tokens of the default corpus (seconds, peak memory,
+size on disk); SAEDashboard (``sae-dashboard`` 0.8, ``.dash-venv``, ``benchmarks/saedashboard_side.py``) on the
+same SAE and tokens for --dash-latents latents, per latent against ours; then autointerp of --explain latents
+with the bundled explainer and scorer, beside the random-explanation baseline.
+
+    .venv/bin/python benchmarks/browse.py [--sae runs/demo/saes/topk-w4096-k32] [--tokens 1000000] [--out /tmp/bench_browse]
+
+Without the demo SAE it runs ``featurelens demo`` first. The last stdout line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+FL = str(ROOT / ".venv/bin/featurelens")
+
+
+def timed(cmd: list[str], log: Path, **kw: Any) -> tuple[float, float, int, str]:
+    """Wall seconds, peak RSS (GiB), exit status and stdout of a command (stderr to ``log``)."""
+    t0 = time.perf_counter()
+    with open(log, "w") as err, open(log.with_suffix(".out"), "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, **kw)
+        _, status, usage = os.wait4(proc.pid, 0)
+    return (time.perf_counter() - t0, usage.ru_maxrss / 2**20, os.waitstatus_to_exitcode(status),
+            log.with_suffix(".out").read_text())
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sae", default=str(ROOT / "runs/demo/saes/topk-w4096-k32"))
+    ap.add_argument("--tokens", type=int, default=1_000_000)
+    ap.add_argument("--out", default="/tmp/bench_browse")
+    ap.add_argument("--dash-latents", type=int, default=32, help="latents SAEDashboard builds (it is slow per latent)")
+    ap.add_argument("--dash-tokens", type=int, default=0, help="tokens SAEDashboard reads (0: --tokens)")
+    ap.add_argument("--explain", type=int, default=200, help="latents autointerp explains and scores")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    sae = Path(args.sae)
+    if not (sae / "cfg.json").is_file():
+        print("no demo SAE: running featurelens demo first", file=sys.stderr)
+        subprocess.run([FL, "demo", "--out", str(ROOT / "runs/demo")], check=True, env=env, stdout=subprocess.DEVNULL)
+    folder = out / "browser"
+    secs, peak, rc, _ = timed([FL, "browse", str(sae), "--tokens", str(args.tokens), "--out", str(folder)],
+                              out / "browse.log", env=env)
+    if rc != 0:
+        raise SystemExit(f"featurelens browse failed: see {out / 'browse.log'}")
+    summary = json.loads((folder / "summary.json").read_text())
+    d = summary["dictionaries"][0]
+    ours = {"seconds": round(secs, 1), "peak_rss_gib": round(peak, 2), "disk_mib": round(du(folder) / 2**20, 1),
+            "n_latents": d["n_latents"], "n_tokens": d["n_tokens"], "dead": d["dead"],
+            "seconds_activations": d["seconds_activations"], "seconds_pages": d["seconds_pages"],
+            "seconds_per_latent": round(secs / d["n_latents"], 4)}
+    print(json.dumps({"ours": ours}), file=sys.stderr)
+    dash: dict[str, Any] = {"available": False}
+    py = ROOT / ".dash-venv/bin/python"
+    if py.exists():
+        n_tok = args.dash_tokens or args.tokens
+        s2, rss2, rc2, o2 = timed([str(py), str(ROOT / "benchmarks/saedashboard_side.py"), "--sae", str(sae), "--tokens",
+                                   str(n_tok), "--latents", str(args.dash_latents), "--out", str(out / "saedashboard")],
+                                  out / "saedashboard.log", env=env)
+        if rc2 == 0:
+            side = json.loads(o2.strip().splitlines()[-1])
+            per = side["seconds"] / side["n_latents"]
+            dash = {"available": True, **side, "wall_seconds": round(s2, 1), "peak_rss_gib": round(rss2, 2),
+                    "seconds_per_latent": round(per, 3), "ours_faster_per_latent": round(per / ours["seconds_per_latent"], 1)}
+        else:
+            lines = (out / "saedashboard.log").read_text().strip().splitlines() or ["failed"]
+            dash = {"available": False, "error": lines[-1][:300]}
+    else:
+        dash["error"] = ".dash-venv is missing (python3 -m venv .dash-venv; pip install -c constraints.txt sae-dashboard)"
+    print(json.dumps({"saedashboard": dash}), file=sys.stderr)
+    s3, _, rc3, o3 = timed([FL, "explain", str(Path(d["index"]).parent), "--latents", str(args.explain)],
+                           out / "explain.log", env=env)
+    auto = json.loads(o3.strip().splitlines()[-1]) if rc3 == 0 else {"error": f"see {out / 'explain.log'}"}
+    auto["seconds"] = round(s3, 1)
+    result = {"sae": str(sae), "tokens": args.tokens, "ours": ours, "saedashboard": dash, "autointerp": auto,
+              "targets": {"all_latents<=15min": ours["seconds"] <= 900,
+                          ">=5x_faster_per_latent_than_saedashboard": bool(dash.get("available"))
+                          and dash["ours_faster_per_latent"] >= 5}}
+    (out / "summary.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
