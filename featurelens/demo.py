@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from featurelens.activations.harvest import HarvestConfig, harvest
@@ -37,6 +38,8 @@ class DemoConfig:
     """Rows per training step."""
     eval_tokens: int = 16_000
     """Held-out evaluation tokens (the corpus' test split)."""
+    browse_tokens: int = 50_000
+    """Held-out tokens the feature browser of the SAE reads (0: no browser)."""
     out: str = "runs/demo"
     """Output folder for the store, the SAE, the report and summary.json."""
     device: str = "auto"
@@ -45,8 +48,20 @@ class DemoConfig:
     def __post_init__(self) -> None:
         from featurelens.configs import check_device, check_ranges
 
-        check_ranges(self, positive=("tokens", "width", "k", "steps", "batch_size", "eval_tokens"))
+        check_ranges(self, positive=("tokens", "width", "k", "steps", "batch_size", "eval_tokens"),
+                     non_negative=("browse_tokens",))
         check_device(self.device)
+
+
+def _link_browser(report: Path, browser: Path) -> None:
+    """Put a link to the feature browser at the top of the report (written whole again)."""
+    import html
+    import os
+
+    rel = os.path.relpath(browser, report.parent)
+    page = report.read_text(encoding="utf-8")
+    link = f"<p><b><a href='{html.escape(rel)}'>feature browser: every latent</a></b></p>"
+    atomic_write_bytes(report, page.replace("<body>", "<body>" + link, 1).encode("utf-8"))
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -74,6 +89,16 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     (res,) = evaluate(EvalConfig(model=cfg.model, site=cfg.site, tokens=cfg.eval_tokens, out=str(out / "report"),
                                  device=cfg.device), saes=[sae], names=[trainer.runs[0].name], model=lm)
     times["eval_s"] = time.perf_counter() - t2
+    browser = ""
+    if cfg.browse_tokens:
+        from featurelens.browse.run import BrowseConfig, browse
+
+        t3 = time.perf_counter()
+        b = browse(BrowseConfig(model=cfg.model, tokens=cfg.browse_tokens, out=str(out / "browser"), device=cfg.device),
+                   sae_paths=[str(trainer.out / trainer.runs[0].name)], lm=lm, saes=[sae])
+        browser = b["dictionaries"][0]["index"]
+        _link_browser(Path(res["report"]), Path(browser))
+        times["browse_s"] = time.perf_counter() - t3
     summary = {
         "model": lm.name, "site": cfg.site, "harvested_tokens": store.n_tokens, "sae": str(trainer.out / trainer.runs[0].name),
         "architecture": "topk", "width": cfg.width, "k": cfg.k, "train_steps": cfg.steps, "batch_size": cfg.batch_size,
@@ -81,10 +106,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                                    "delta_lm_loss", "ce_loss_recovered", "ce_loss_recovered_mean_ablation", "kl_div",
                                    "n_tokens")},
         **{k: round(v, 1) for k, v in times.items()}, "total_s": round(time.perf_counter() - t0, 1),
-        "report": res["report"],
+        "report": res["report"], "browser": browser,
     }
     make_out(out, "demo")
     atomic_write_bytes(out / "summary.json", dumps_strict(summary).encode())
     print(json.dumps(summary, indent=1))
-    print(f"\nopen the report: {res['report']}")
+    print(f"\nopen the report: {res['report']}" + (f"\nthe feature browser: {browser}" if browser else ""))
     return summary
