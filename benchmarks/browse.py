@@ -65,7 +65,7 @@ def main() -> None:
         print("no demo SAE: running featurelens demo first", file=sys.stderr)
         subprocess.run([FL, "demo", "--out", str(ROOT / "runs/demo")], check=True, env=env, stdout=subprocess.DEVNULL)
     folder = out / "browser"
-    secs, peak, rc, _ = timed([FL, "browse", str(sae), "--tokens", str(args.tokens), "--out", str(folder)],
+    secs, peak, rc, _ = timed([FL, "browse", str(sae), "--tokens", str(args.tokens), "--split", "all", "--out", str(folder)],
                               out / "browse.log", env=env)
     if rc != 0:
         raise SystemExit(f"featurelens browse failed: see {out / 'browse.log'}")

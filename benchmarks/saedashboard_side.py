@@ -33,7 +33,7 @@ def main() -> None:
         code = ("import numpy as np, sys; from featurelens.data.corpora import iter_texts; "
                 "from featurelens.data.tokenize import pack_contexts; from featurelens.models.loading import load_model; "
                 "lm = load_model('smollm2-135m-instruct', device='cpu'); "
-                f"c = pack_contexts(iter_texts('default', 'test'), lm.tokenizer, 128, n_tokens={args.tokens}); "
+                f"c = pack_contexts(iter_texts('default', 'all'), lm.tokenizer, 128, n_tokens={args.tokens}); "
                 f"np.save({str(ids_file)!r}, c.tokens.astype(np.int64))")
         subprocess.run([str(ROOT / ".venv/bin/python"), "-c", code], check=True)
     tokens = torch.from_numpy(np.load(ids_file))
