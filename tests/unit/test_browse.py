@@ -12,6 +12,7 @@ import torch
 
 from featurelens.browse.collect import SparseActivations, collect, summarize
 from featurelens.errors import UsageError
+from tests.helpers.chromium import chromium as _chromium
 
 
 def _random_acts(seed: int = 0, n_ctx: int = 30, T: int = 8, L: int = 12) -> tuple[SparseActivations, np.ndarray]:
@@ -79,18 +80,6 @@ def test_collect_keeps_every_nonzero_activation(tiny_llama) -> None:  # type: ig
     huge = np.broadcast_to(np.int32(0), (2**16, 2**15 + 1))  # 2^31+ positions, as a view: no memory
     with pytest.raises(UsageError, match="int32"):
         collect(tiny_llama.model, sae.encode, site, huge, np.zeros((1, 1), bool), 40)
-
-
-def _chromium() -> str:
-    import os
-    import shutil
-
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed: .ci/run installs Debian's chromium package")
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    return exe
 
 
 def _dump(exe: str, url: str, shot: str | None = None) -> tuple[str, list[str]]:

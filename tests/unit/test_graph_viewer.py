@@ -5,28 +5,17 @@ is missing, except under CI, where that is a failure."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 
 from featurelens.circuits.export import graph_json
 from featurelens.circuits.graph import AttributionGraph
 from featurelens.circuits.prune import prune
 from featurelens.circuits.viewer import write_viewer
-
-
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed: .ci/run installs Debian's chromium package")
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    return exe
+from tests.helpers.chromium import chromium as _chromium
 
 
 def _graph() -> AttributionGraph:
