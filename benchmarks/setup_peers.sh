@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make .bench-venv with featurelens and its peers (SAELens, dictionary_learning, tuned-lens), .ct-venv
-# (circuit-tracer) and .heretic-venv, torch pinned to 2.13.0. With --oracles: only the two venvs the oracle
+# (circuit-tracer), .heretic-venv and .dash-venv (SAEDashboard), torch pinned to 2.13.0. With --oracles: only the two venvs the oracle
 # tests need (.bench-venv, .ct-venv); .ci/run uses that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +20,13 @@ if [ "$ORACLES_ONLY" = 0 ]; then
   HPIP=(.heretic-venv/bin/python -m pip --disable-pip-version-check --quiet)
   "${HPIP[@]}" install -c constraints.txt torch==2.13.0
   "${HPIP[@]}" install -c constraints.txt heretic-llm==1.4.0
+  # SAEDashboard (the browser benchmark side by side) pins numpy < 2, so pyarrow must stay below 18;
+  # PyPI's torchvision / torchaudio do not import beside this torch (transformers then fails to import BERT).
+  [ -x .dash-venv/bin/python ] || python3 -m venv .dash-venv
+  DPIP=(.dash-venv/bin/python -m pip --disable-pip-version-check --quiet)
+  "${DPIP[@]}" install -c constraints.txt torch==2.13.0
+  "${DPIP[@]}" install -c constraints.txt sae-dashboard==0.8.0 "pyarrow<18"
+  "${DPIP[@]}" uninstall -y torchvision torchaudio 2>/dev/null || true
 fi
 # circuit-tracer (transcoder-format oracle) pins transformers <= 4.57.3 and its nnsight backend needs nnsight 0.7.0.
 [ -x .ct-venv/bin/python ] || python3 -m venv .ct-venv

@@ -89,18 +89,27 @@ class LocalBackend:
 
     @torch.no_grad()
     def yes_probs(self, prompts: Sequence[str]) -> list[float]:
-        out: list[float] = []
         seqs = [self._ids([{"role": "user", "content": p}]) for p in prompts]
+        out = [0.0] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of similar length: little padding
         pad = int(self.lm.tokenizer.pad_token_id or 0)
-        for b in range(0, len(seqs), self.batch_size):
-            chunk = seqs[b:b + self.batch_size]
+        dev = self.lm.device
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b:b + self.batch_size]
+            chunk = [seqs[i] for i in idx]
             n = max(len(s) for s in chunk)
-            ids = torch.tensor([[pad] * (n - len(s)) + s for s in chunk], device=self.lm.device)  # left padding
-            mask = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in chunk], device=self.lm.device)
-            logits = self.lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1].float()
+            ids = torch.tensor([[pad] * (n - len(s)) + s for s in chunk], device=dev)  # left padding
+            mask = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in chunk], device=dev)
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)  # each prompt's own positions (absolute-position models)
+            kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": False}
+            try:  # only the last position's logits: the LM head is ~1/5 of a small model's work per token
+                logits = self.lm.model(**kw, logits_to_keep=1).logits[:, -1].float()
+            except TypeError:
+                logits = self.lm.model(**kw).logits[:, -1].float()
             p = torch.softmax(logits, -1)
             y, no = p[:, self.yes].sum(-1), p[:, self.no].sum(-1)
-            out.extend((y / (y + no).clamp_min(1e-12)).tolist())
+            for i, v in zip(idx, (y / (y + no).clamp_min(1e-12)).tolist()):
+                out[i] = v
         return out
 
 
@@ -172,6 +181,12 @@ def explain(backend: Backend, latent: dict[str, Any], n_examples: int = 10, max_
 def score(backend: Backend, expl: str, latent: dict[str, Any], rng: np.random.Generator,
           n: int = 10) -> dict[str, float]:
     """Detection and fuzzing AUROC (and balanced accuracy) of ``expl`` on ``latent``'s examples."""
+    return score_many(backend, [expl], latent, rng, n)[0]
+
+
+def score_many(backend: Backend, expls: Sequence[str], latent: dict[str, Any], rng: np.random.Generator,
+               n: int = 10) -> list[dict[str, float]]:
+    """:func:`score` for several explanations on the same examples (drawn once), in one scorer call."""
     acts = [c for q in latent["quant"] for c in q] + latent["top"]
     pos = [acts[i] for i in rng.permutation(len(acts))[:n]] if acts else []
     neg = latent.get("neg", [])[:n]
@@ -180,12 +195,17 @@ def score(backend: Backend, expl: str, latent: dict[str, Any], rng: np.random.Ge
         k = max(1, sum(a > 0 for a in c["a"]))
         off = [i for i, a in enumerate(c["a"]) if a <= 0]
         wrong.append(marked(c, rng.choice(off, size=min(k, len(off)), replace=False).tolist() if off else []))
-    prompts = ([DETECT.format(expl=expl, text=plain(c)) for c in pos + neg]
-               + [FUZZ.format(expl=expl, text=marked(c)) for c in pos] + [FUZZ.format(expl=expl, text=w) for w in wrong])
-    p = backend.yes_probs(prompts)
-    a, b, c_ = len(pos), len(pos) + len(neg), len(pos) + len(neg) + len(pos)
-    return {"detection": auroc(p[:a], p[a:b]), "detection_accuracy": balanced_accuracy(p[:a], p[a:b]),
-            "fuzzing": auroc(p[b:c_], p[c_:]), "fuzzing_accuracy": balanced_accuracy(p[b:c_], p[c_:])}
+    prompts = [p for expl in expls for p in
+               [DETECT.format(expl=expl, text=plain(c)) for c in pos + neg]
+               + [FUZZ.format(expl=expl, text=marked(c)) for c in pos] + [FUZZ.format(expl=expl, text=w) for w in wrong]]
+    every = backend.yes_probs(prompts)
+    a, b, c_, m = len(pos), len(pos) + len(neg), len(pos) + len(neg) + len(pos), 3 * len(pos) + len(neg)
+    out = []
+    for e in range(len(expls)):
+        p = every[e * m:(e + 1) * m]
+        out.append({"detection": auroc(p[:a], p[a:b]), "detection_accuracy": balanced_accuracy(p[:a], p[a:b]),
+                    "fuzzing": auroc(p[b:c_], p[c_:]), "fuzzing_accuracy": balanced_accuracy(p[b:c_], p[c_:])})
+    return out
 
 
 def mean_ci(values: Sequence[float | None], seed: int = 0, draws: int = 2000) -> dict[str, float | int | None]:

@@ -86,7 +86,7 @@ def explain_browser(cfg: ExplainConfig, folder: str | Path, backends: dict[str, 
                     progress: bool = True) -> dict[str, Any]:
     """Explain and score; returns the summary written to ``autointerp.json``."""
     from featurelens.atomic import atomic_write_bytes
-    from featurelens.browse.autointerp import explain, mean_ci, score
+    from featurelens.browse.autointerp import explain, mean_ci, score_many
     from featurelens.browse.site import _js, read_data
     from featurelens.outputs import output_lock
 
@@ -124,8 +124,8 @@ def explain_browser(cfg: ExplainConfig, folder: str | Path, backends: dict[str, 
         todo = [i for i in chosen if i not in scored]
         for i in tqdm(todo, desc="explain: scores", unit="latent", disable=not progress, file=sys.stderr):
             lat = latent(i)
-            own = score(scorer, done[i]["text"], lat, np.random.default_rng([cfg.seed, i, 0]), cfg.score_examples)
-            rnd = score(scorer, done[int(other[i])]["text"], lat, np.random.default_rng([cfg.seed, i, 0]), cfg.score_examples)
+            own, rnd = score_many(scorer, [done[i]["text"], done[int(other[i])]["text"]], lat,
+                                  np.random.default_rng([cfg.seed, i, 0]), cfg.score_examples)
             rec = {"id": i, **own, **{f"random_{k}": v for k, v in rnd.items()}, "random_from": int(other[i])}
             _append(sc_path, rec)
             scored[i] = rec

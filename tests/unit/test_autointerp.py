@@ -156,11 +156,24 @@ def test_endpoint_backend_reads_logprobs() -> None:
         EndpointBackend("http://127.0.0.1:9/v1", timeout=2).generate([{"role": "user", "content": "x"}], 5)
 
 
-def test_local_backend_on_a_real_model(tiny_llama: Any) -> None:
-    b = LocalBackend(tiny_llama)
-    p = b.yes_probs(["Feature: x\nText: abc\nIs it?", "Feature: y\nText: a much longer text here\nIs it?"])
-    assert len(p) == 2 and all(0.0 <= v <= 1.0 for v in p)
-    # batched with left padding equals one at a time
-    one = [b.yes_probs([q])[0] for q in ["Feature: x\nText: abc\nIs it?", "Feature: y\nText: a much longer text here\nIs it?"]]
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # rotary and absolute positions
+def test_local_backend_on_a_real_model(family: str) -> None:
+    from featurelens.models.loading import LoadedModel
+    from featurelens.testing import CharTokenizer, tiny_model
+
+    lm = LoadedModel(model=tiny_model(family), tokenizer=CharTokenizer(), spec=f"tiny-{family}", name=f"tiny-{family}")
+    b = LocalBackend(lm, batch_size=2)
+    qs = ["Feature: y\nText: a much longer text here\nIs it?", "Feature: x\nText: abc\nIs it?",
+          "Feature: z\nText: medium text\nIs it?", "Feature: w\nText: the longest text of all of these, by far\nIs it?",
+          "Feature: v\nText: ab\nIs it?"]
+    p = b.yes_probs(qs)  # sorted by length into batches of 2, left-padded, answers back in the prompts' order
+    assert len(p) == len(qs) and all(0.0 <= v <= 1.0 for v in p)
+    one = [b.yes_probs([q])[0] for q in qs]
     assert p == pytest.approx(one, abs=1e-5)
+    assert len(set(np.round(one, 6))) == len(qs)  # distinct answers, so a permutation would show
+    # and equal the full model's next-token distribution on the unpadded prompt
+    ids = torch.tensor([b._ids([{"role": "user", "content": qs[3]}])])
+    pr = torch.softmax(lm.model(input_ids=ids).logits[0, -1].double(), -1)
+    y, n = pr[b.yes].sum(), pr[b.no].sum()
+    assert p[3] == pytest.approx(float(y / (y + n)), abs=1e-5)
     assert isinstance(b.generate([{"role": "user", "content": "hello"}], 5), str)
