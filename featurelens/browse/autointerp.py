@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from featurelens.errors import FeatureLensError, UsageError
+from featurelens.stats import auroc, balanced_accuracy
 
 EXPLAIN_SYSTEM = ("You explain what a feature of a language model detects. You are shown text excerpts in which "
                   "the tokens where the feature is active are marked <<like this>>. Reply with one short phrase "
@@ -152,20 +153,6 @@ class EndpointBackend:
                 ans = str(ch.get("message", {}).get("content", "")).strip().lower()
                 out.append(1.0 if ans.startswith("yes") else 0.0 if ans.startswith("no") else 0.5)
         return out
-
-
-def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
-    """P(a positive scores above a negative), ties counting half (Mann-Whitney); NaN without both."""
-    if not len(pos) or not len(neg):
-        return float("nan")
-    p, n = np.asarray(pos, float)[:, None], np.asarray(neg, float)[None, :]
-    return float(((p > n).sum() + 0.5 * (p == n).sum()) / (p.size * n.size))
-
-
-def balanced_accuracy(pos: Sequence[float], neg: Sequence[float]) -> float:
-    if not len(pos) or not len(neg):
-        return float("nan")
-    return float(0.5 * (np.mean(np.asarray(pos) > 0.5) + np.mean(np.asarray(neg) <= 0.5)))
 
 
 def explain(backend: Backend, latent: dict[str, Any], n_examples: int = 10, max_new_tokens: int = 40) -> str:
