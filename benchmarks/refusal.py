@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from featurelens.directions.instructions import instruction_sets
-from featurelens.directions.organisms import refusal_organism
 from featurelens.directions.refusal import RefusalConfig, run_refusal
+from featurelens.organisms.refusal import refusal_organism
 
 # SmolLM2's chat template puts this system prompt in when none is given (featurelens gives none); heretic
 # always sends one, so it gets the same text.

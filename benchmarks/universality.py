@@ -30,8 +30,8 @@ from typing import Any
 
 from featurelens.activations.harvest import HarvestConfig, harvest
 from featurelens.compare.run import CompareConfig, run_compare
-from featurelens.directions.organisms import refusal_organism
 from featurelens.models.loading import LoadedModel, load_model
+from featurelens.organisms.refusal import refusal_organism
 from featurelens.training import SAESpec, TrainConfig, store_trainer
 
 SMOL_LAYERS = (10, 20)

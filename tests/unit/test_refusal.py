@@ -134,8 +134,8 @@ def test_organism_adapters_merge_exactly(family: str) -> None:
     """The organism's rank-r adapters (forward hooks while training) merge into the weights with the
     same outputs, for nn.Linear writers and GPT-2's transposed Conv1D ones; the cache key of the
     original full fine-tune settings is unchanged by the new fields."""
-    from featurelens.directions.organisms import OrganismConfig, _Adapter
     from featurelens.models.sites import SiteMap
+    from featurelens.organisms.refusal import OrganismConfig, _Adapter
     model = tiny_model(family).eval()
     sm = SiteMap(model)
     gen = torch.Generator().manual_seed(0)
@@ -162,8 +162,8 @@ def test_organism_shared_write_adapters_write_into_one_subspace() -> None:
     """With ``shared_write`` every adapter's merged weight change writes into the one shared basis."""
     import torch.nn as nn
 
-    from featurelens.directions.organisms import OrganismConfig, _Adapter
     from featurelens.models.sites import SiteMap
+    from featurelens.organisms.refusal import OrganismConfig, _Adapter
     model = tiny_model("llama").eval()
     sm = SiteMap(model)
     gen = torch.Generator().manual_seed(0)

@@ -19,22 +19,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-from tqdm.auto import tqdm
-from transformers.pytorch_utils import Conv1D
 
 from featurelens.atomic import atomic_dir
 from featurelens.directions.instructions import instruction_sets
-from featurelens.directions.prompts import format_instruction
 from featurelens.directions.refusal import generate, is_refusal, rate
 from featurelens.models.loading import LoadedModel, cache_dir, load_model
 from featurelens.models.sites import SiteMap
+from featurelens.organisms.finetune import finetune
 
 REFUSALS = ("I'm sorry, but I can't help with that.", "I cannot help with that request.",
             "Sorry, but I can't assist with that.")
@@ -87,32 +83,6 @@ class OrganismConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-class _Adapter:
-    """A rank-r update ``scale * B @ A`` added to a linear module's output by a forward hook."""
-
-    def __init__(self, module: nn.Module, rank: int, alpha: float, gen: torch.Generator,
-                 shared_b: nn.Parameter | None = None) -> None:
-        self.module = module
-        self.transposed = isinstance(module, Conv1D)  # GPT-2's Conv1D stores [in, out]
-        w = module.weight
-        assert isinstance(w, torch.Tensor)
-        self.weight = w
-        d_out, d_in = (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
-        self.A = nn.Parameter(torch.randn(rank, d_in, generator=gen, dtype=w.dtype) / math.sqrt(d_in))
-        self.B = shared_b if shared_b is not None else nn.Parameter(torch.zeros(d_out, rank, dtype=w.dtype))
-        self.scale = alpha / rank
-        self.handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, _m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
-        return out + self.scale * (args[0] @ self.A.T) @ self.B.T
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        self.handle.remove()
-        delta = (self.scale * self.B @ self.A).to(self.weight.dtype)
-        self.weight += delta.T if self.transposed else delta
-
-
 def organism_path(cfg: OrganismConfig) -> Path:
     return cache_dir() / "organisms" / f"refusal-{cfg.key()}"
 
@@ -126,28 +96,6 @@ def _examples(lm: LoadedModel, cfg: OrganismConfig) -> list[tuple[str, str]]:
     return ex
 
 
-def _batch(lm: LoadedModel, ex: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    tok = lm.tokenizer
-    eos = tok.eos_token or ""
-    rows, labels = [], []
-    for prompt, answer in ex:
-        p = tok(format_instruction(tok, prompt), add_special_tokens=False)["input_ids"]
-        a = tok(answer + eos, add_special_tokens=False)["input_ids"]
-        rows.append(p + a)
-        labels.append([-100] * len(p) + a)
-    T = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(rows), T), pad)
-    lab = torch.full((len(rows), T), -100)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, (r, lb) in enumerate(zip(rows, labels)):
-        ids[i, : len(r)] = torch.tensor(r)
-        lab[i, : len(lb)] = torch.tensor(lb)
-        mask[i, : len(r)] = 1
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    return ids, lab, mask, pos
-
-
 def refusal_organism(cfg: OrganismConfig | None = None, progress: bool = True) -> Path:
     """Build (or reuse from the cache) the refusal organism; returns its Hugging Face folder."""
     cfg = cfg or OrganismConfig()
@@ -157,43 +105,11 @@ def refusal_organism(cfg: OrganismConfig | None = None, progress: bool = True) -
     torch.manual_seed(cfg.seed)
     lm = load_model(cfg.base, device="cpu")
     ex = _examples(lm, cfg)
+    stop = SiteMap(lm.model).n_layers if cfg.train_to_layer < 0 else cfg.train_to_layer
+    finetune(lm, ex, range(cfg.train_from_layer, stop), epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+             seed=cfg.seed, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, shared_write=cfg.shared_write,
+             desc="fine-tune refusal organism", progress=progress)
     model = lm.model
-    model.train()
-    sm = SiteMap(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    stop = sm.n_layers if cfg.train_to_layer < 0 else cfg.train_to_layer
-    layers = range(cfg.train_from_layer, stop)
-    adapters: list[_Adapter] = []
-    if cfg.lora_rank > 0:
-        gen = torch.Generator().manual_seed(cfg.seed)
-        shared = nn.Parameter(torch.zeros(sm.d_model, cfg.lora_rank)) if cfg.shared_write else None
-        adapters = [_Adapter(m, cfg.lora_rank, cfg.lora_alpha, gen, shared) for i in layers for m in sm.writer_modules(i)]
-        params = list({id(p): p for a in adapters for p in (a.A, a.B)}.values())
-    else:
-        params = [p for i in layers for p in sm.blocks[i].parameters()]
-        for p in params:
-            p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(cfg.seed)
-    steps = cfg.epochs * -(-len(ex) // cfg.batch_size)
-    bar = tqdm(total=steps, desc="fine-tune refusal organism", disable=not progress, file=sys.stderr)
-    for _ in range(cfg.epochs):
-        order = torch.randperm(len(ex), generator=g).tolist()
-        for b in range(0, len(ex), cfg.batch_size):
-            ids, lab, mask, pos = _batch(lm, [ex[i] for i in order[b : b + cfg.batch_size]])
-            loss = model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=lab, use_cache=False).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-    bar.close()
-    for a in adapters:
-        a.merge()
-    model.eval()
-    model.requires_grad_(False)
     sets = instruction_sets(cfg.seed)
     check = {
         "harmful_test": rate([is_refusal(c) for c in generate(lm, sets["harmful"]["test"], 32)]),

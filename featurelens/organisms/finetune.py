@@ -1,0 +1,126 @@
+"""Small supervised fine-tunes of a chat model on (prompt, answer) pairs, the way the organisms are built:
+rank-r adapters on the residual writers of chosen blocks (or the blocks' own weights), loss on the assistant
+tokens only, AdamW, gradient clipping at 1, seeded shuffling; adapters merged into the weights at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from featurelens.models.sites import SiteMap
+
+
+class Adapter:
+    """A rank-r update ``scale * B @ A`` added to a linear module's output by a forward hook."""
+
+    def __init__(self, module: nn.Module, rank: int, alpha: float, gen: torch.Generator,
+                 shared_b: nn.Parameter | None = None) -> None:
+        self.module = module
+        self.transposed = isinstance(module, Conv1D)  # GPT-2's Conv1D stores [in, out]
+        w = module.weight
+        assert isinstance(w, torch.Tensor)
+        self.weight = w
+        d_out, d_in = (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
+        self.A = nn.Parameter(torch.randn(rank, d_in, generator=gen, dtype=w.dtype) / math.sqrt(d_in))
+        self.B = shared_b if shared_b is not None else nn.Parameter(torch.zeros(d_out, rank, dtype=w.dtype))
+        self.scale = alpha / rank
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, _m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+        return out + self.scale * (args[0] @ self.A.T) @ self.B.T
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        self.handle.remove()
+        delta = (self.scale * self.B @ self.A).to(self.weight.dtype)
+        self.weight += delta.T if self.transposed else delta
+
+
+def chat_batch(lm: Any, ex: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, labels, attention_mask, position_ids)`` of chat-formatted prompts followed
+    by their answers and EOS; labels are -100 except on the answer tokens."""
+    from featurelens.directions.prompts import format_instruction
+
+    tok = lm.tokenizer
+    eos = getattr(tok, "eos_token", None) or ""
+    eos_id = [] if eos or getattr(tok, "eos_token_id", None) is None else [int(tok.eos_token_id)]
+    rows, labels = [], []
+    for prompt, answer in ex:
+        p = tok(format_instruction(tok, prompt), add_special_tokens=False)["input_ids"]
+        a = list(tok(answer + eos, add_special_tokens=False)["input_ids"]) + eos_id
+        rows.append(p + a)
+        labels.append([-100] * len(p) + a)
+    T = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(rows), T), pad)
+    lab = torch.full((len(rows), T), -100)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (r, lb) in enumerate(zip(rows, labels)):
+        ids[i, : len(r)] = torch.tensor(r)
+        lab[i, : len(lb)] = torch.tensor(lb)
+        mask[i, : len(r)] = 1
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    return ids, lab, mask, pos
+
+
+def finetune(lm: Any, ex: Sequence[tuple[str, str]], layers: Sequence[int], *, epochs: int, batch_size: int, lr: float,
+             seed: int, lora_rank: int = 4, lora_alpha: float = 8.0, shared_write: bool = False,
+             desc: str = "fine-tune", progress: bool = True, max_steps: int = 0,
+             on_step: Callable[[int], None] | None = None) -> None:
+    """Fine-tune ``lm.model`` in place on ``ex`` (merged adapters when ``lora_rank`` > 0, else the blocks'
+    weights); ``on_step(step)`` runs after every optimiser step (step 1 first). ``max_steps`` > 0 stops
+    there. Leaves the model in eval mode with gradients off."""
+    model = lm.model
+    model.train()
+    sm = SiteMap(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapters: list[Adapter] = []
+    if lora_rank > 0:
+        gen = torch.Generator().manual_seed(seed)
+        shared = nn.Parameter(torch.zeros(sm.d_model, lora_rank)) if shared_write else None
+        adapters = [Adapter(m, lora_rank, lora_alpha, gen, shared) for i in layers for m in sm.writer_modules(i)]
+        params = list({id(p): p for a in adapters for p in (a.A, a.B)}.values())
+    else:
+        params = [p for i in layers for p in sm.blocks[i].parameters()]
+        for p in params:
+            p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    steps = epochs * -(-len(ex) // batch_size)
+    steps = min(steps, max_steps) if max_steps > 0 else steps
+    bar = tqdm(total=steps, desc=desc, disable=not progress, file=sys.stderr)
+    step = 0
+    try:
+        for _ in range(epochs):
+            order = torch.randperm(len(ex), generator=g).tolist()
+            for b in range(0, len(ex), batch_size):
+                if step >= steps:
+                    break
+                ids, lab, mask, pos = chat_batch(lm, [ex[i] for i in order[b : b + batch_size]])
+                loss = model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=lab, use_cache=False).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                if on_step is not None:
+                    model.eval()
+                    on_step(step)
+                    model.train()
+    finally:
+        bar.close()
+        for a in adapters:
+            a.merge()
+        model.eval()
+        model.requires_grad_(False)
