@@ -34,6 +34,23 @@ def timed(cmd: list[str], log: Path, **kw: Any) -> tuple[float, float, int, str]
             log.with_suffix(".out").read_text())
 
 
+def stage(out: Path, name: str, key: dict[str, Any], fn: Any) -> Any:
+    """``fn()``'s result, or the one a previous run of this benchmark saved for the same ``key`` (so a rerun
+    with more steps, e.g. ``--explain``, does not redo and retime the stages before it)."""
+    f = out / "stages" / f"{name}.json"
+    if f.is_file():
+        rec = json.loads(f.read_text())
+        if rec.get("key") == key:
+            print(f"{name}: reusing {f}", file=sys.stderr)
+            return rec["result"]
+    res = fn()
+    f.parent.mkdir(exist_ok=True)
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "result": res}, indent=1))
+    tmp.replace(f)
+    return res
+
+
 def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -44,7 +61,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1_000_000)
     ap.add_argument("--out", default="/tmp/bench_browse")
     ap.add_argument("--dash-latents", type=int, default=32, help="latents SAEDashboard builds (it is slow per latent)")
-    ap.add_argument("--dash-tokens", type=int, default=0, help="tokens SAEDashboard reads (0: --tokens)")
+    ap.add_argument("--dash-tokens", type=int, default=200_000,
+                    help="tokens SAEDashboard reads (0: --tokens); ours is timed on the same tokens too, for the ratio")
+    ap.add_argument("--explain-threads", type=int, default=2, help="torch threads of the autointerp step (not timed)")
     ap.add_argument("--explain", type=int, default=200, help="latents autointerp explains and scores")
     ap.add_argument("--quick-sae", type=int, default=0, help="without the demo SAE: train one of its shape for this many "
                     "steps instead of running the demo (0: run the demo)")
@@ -65,39 +84,60 @@ def main() -> None:
         print("no demo SAE: running featurelens demo first", file=sys.stderr)
         subprocess.run([FL, "demo", "--out", str(ROOT / "runs/demo")], check=True, env=env, stdout=subprocess.DEVNULL)
     folder = out / "browser"
-    secs, peak, rc, _ = timed([FL, "browse", str(sae), "--tokens", str(args.tokens), "--split", "all", "--out", str(folder)],
-                              out / "browse.log", env=env)
-    if rc != 0:
-        raise SystemExit(f"featurelens browse failed: see {out / 'browse.log'}")
-    summary = json.loads((folder / "summary.json").read_text())
-    d = summary["dictionaries"][0]
-    ours = {"seconds": round(secs, 1), "peak_rss_gib": round(peak, 2), "disk_mib": round(du(folder) / 2**20, 1),
-            "n_latents": d["n_latents"], "n_tokens": d["n_tokens"], "dead": d["dead"],
-            "seconds_activations": d["seconds_activations"], "seconds_pages": d["seconds_pages"],
-            "seconds_per_latent": round(secs / d["n_latents"], 4)}
+
+    def run_ours() -> dict[str, Any]:
+        secs, peak, rc, _ = timed([FL, "browse", str(sae), "--tokens", str(args.tokens), "--split", "all", "--out", str(folder)],
+                                  out / "browse.log", env=env)
+        if rc != 0:
+            raise SystemExit(f"featurelens browse failed: see {out / 'browse.log'}")
+        d = json.loads((folder / "summary.json").read_text())["dictionaries"][0]
+        return {"seconds": round(secs, 1), "peak_rss_gib": round(peak, 2), "disk_mib": round(du(folder) / 2**20, 1),
+                "n_latents": d["n_latents"], "n_tokens": d["n_tokens"], "dead": d["dead"],
+                "seconds_activations": d["seconds_activations"], "seconds_pages": d["seconds_pages"],
+                "seconds_per_latent": round(secs / d["n_latents"], 4), "index": d["index"]}
+
+    ours = stage(out, "ours", {"sae": str(sae), "tokens": args.tokens}, run_ours)
     print(json.dumps({"ours": ours}), file=sys.stderr)
-    dash: dict[str, Any] = {"available": False}
     py = ROOT / ".dash-venv/bin/python"
-    if py.exists():
-        n_tok = args.dash_tokens or args.tokens
+    n_tok = args.dash_tokens or args.tokens
+
+    def run_dash() -> dict[str, Any]:
+        if not py.exists():
+            return {"available": False,
+                    "error": ".dash-venv is missing (benchmarks/setup_peers.sh makes it)"}
         s2, rss2, rc2, o2 = timed([str(py), str(ROOT / "benchmarks/saedashboard_side.py"), "--sae", str(sae), "--tokens",
                                    str(n_tok), "--latents", str(args.dash_latents), "--out", str(out / "saedashboard")],
                                   out / "saedashboard.log", env=env)
-        if rc2 == 0:
-            side = json.loads(o2.strip().splitlines()[-1])
-            per = side["seconds"] / side["n_latents"]
-            dash = {"available": True, **side, "wall_seconds": round(s2, 1), "peak_rss_gib": round(rss2, 2),
-                    "seconds_per_latent": round(per, 3), "ours_faster_per_latent": round(per / ours["seconds_per_latent"], 1)}
-        else:
+        if rc2 != 0:
             lines = (out / "saedashboard.log").read_text().strip().splitlines() or ["failed"]
-            dash = {"available": False, "error": lines[-1][:300]}
-    else:
-        dash["error"] = ".dash-venv is missing (python3 -m venv .dash-venv; pip install -c constraints.txt sae-dashboard)"
+            return {"available": False, "error": lines[-1][:300]}
+        side = json.loads(o2.strip().splitlines()[-1])
+        per = side["seconds"] / side["n_latents"]
+        same = ours
+        if n_tok != args.tokens:  # ours on SAEDashboard's tokens, so the ratio compares equal work
+            s4, rss4, rc4, _ = timed([FL, "browse", str(sae), "--tokens", str(n_tok), "--split", "all", "--out",
+                                      str(out / "browser_same_tokens")], out / "browse_same.log", env=env)
+            if rc4 != 0:
+                raise SystemExit(f"featurelens browse failed: see {out / 'browse_same.log'}")
+            same = {"seconds": round(s4, 1), "peak_rss_gib": round(rss4, 2), "n_tokens": n_tok,
+                    "seconds_per_latent": round(s4 / ours["n_latents"], 4)}
+        return {"available": True, **side, "wall_seconds": round(s2, 1), "peak_rss_gib": round(rss2, 2),
+                "seconds_per_latent": round(per, 3), "ours_on_same_tokens": same,
+                "ours_faster_per_latent": round(per / same["seconds_per_latent"], 1)}
+
+    dash = stage(out, "saedashboard", {"sae": str(sae), "tokens": n_tok, "latents": args.dash_latents}, run_dash)
     print(json.dumps({"saedashboard": dash}), file=sys.stderr)
-    s3, _, rc3, o3 = timed([FL, "explain", str(Path(d["index"]).parent), "--latents", str(args.explain)],
-                           out / "explain.log", env=env)
-    auto = json.loads(o3.strip().splitlines()[-1]) if rc3 == 0 else {"error": f"see {out / 'explain.log'}"}
-    auto["seconds"] = round(s3, 1)
+
+    def run_explain() -> dict[str, Any]:
+        if args.explain <= 0:
+            return {"skipped": True}
+        s3, _, rc3, o3 = timed([FL, "explain", str(Path(ours["index"]).parent), "--latents", str(args.explain)],
+                               out / "explain.log", env={**env, "OMP_NUM_THREADS": str(args.explain_threads)})
+        auto: dict[str, Any] = json.loads(o3.strip().splitlines()[-1]) if rc3 == 0 else {"error": f"see {out / 'explain.log'}"}
+        auto["seconds"] = round(s3, 1)
+        return auto
+
+    auto = stage(out, "explain", {"index": ours["index"], "latents": args.explain}, run_explain)
     result = {"sae": str(sae), "sae_source": sae_source, "tokens": args.tokens, "ours": ours, "saedashboard": dash, "autointerp": auto,
               "targets": {"all_latents<=15min": ours["seconds"] <= 900,
                           ">=5x_faster_per_latent_than_saedashboard": bool(dash.get("available"))

@@ -22,6 +22,7 @@ resumes where it stopped.
 
 from __future__ import annotations
 
+import inspect
 import json
 import urllib.request
 from collections.abc import Sequence
@@ -60,7 +61,7 @@ def plain(c: dict[str, Any]) -> str:
 class LocalBackend:
     """A Hugging Face chat model: greedy generation; P(Yes) from the first answer token's distribution."""
 
-    def __init__(self, lm: Any, batch_size: int = 8) -> None:
+    def __init__(self, lm: Any, batch_size: int = 16) -> None:
         self.lm, self.batch_size = lm, batch_size
         tok = lm.tokenizer
         self.yes = sorted({ids[0] for w in ("Yes", " Yes", "yes") if (ids := tok(w, add_special_tokens=False)["input_ids"])})
@@ -92,26 +93,51 @@ class LocalBackend:
     def yes_probs(self, prompts: Sequence[str]) -> list[float]:
         seqs = [self._ids([{"role": "user", "content": p}]) for p in prompts]
         out = [0.0] * len(seqs)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of similar length: little padding
-        pad = int(self.lm.tokenizer.pad_token_id or 0)
-        dev = self.lm.device
+        # sorted by token sequence, a batch's prompts share a long prefix (chat header, "Feature: <explanation>",
+        # the question's start): it runs once and its cache serves every row
+        order = sorted(range(len(seqs)), key=lambda i: seqs[i])
         for b in range(0, len(order), self.batch_size):
             idx = order[b:b + self.batch_size]
             chunk = [seqs[i] for i in idx]
-            n = max(len(s) for s in chunk)
-            ids = torch.tensor([[pad] * (n - len(s)) + s for s in chunk], device=dev)  # left padding
-            mask = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in chunk], device=dev)
-            pos = (mask.cumsum(-1) - 1).clamp_min(0)  # each prompt's own positions (absolute-position models)
-            kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": False}
-            try:  # only the last position's logits: the LM head is ~1/5 of a small model's work per token
-                logits = self.lm.model(**kw, logits_to_keep=1).logits[:, -1].float()
-            except TypeError:
-                logits = self.lm.model(**kw).logits[:, -1].float()
-            p = torch.softmax(logits, -1)
+            n = 0
+            while n < min(len(c) for c in chunk) - 1 and all(c[n] == chunk[0][n] for c in chunk):
+                n += 1
+            logits = self._cached(chunk, n) if n > 0 else self._padded(chunk)
+            p = torch.softmax(logits.float(), -1)
             y, no = p[:, self.yes].sum(-1), p[:, self.no].sum(-1)
             for i, v in zip(idx, (y / (y + no).clamp_min(1e-12)).tolist()):
                 out[i] = v
         return out
+
+    def _padded(self, chunk: list[list[int]]) -> torch.Tensor:
+        """Last-position logits of left-padded rows, each with its own positions."""
+        dev, pad = self.lm.device, int(self.lm.tokenizer.pad_token_id or 0)
+        n = max(len(s) for s in chunk)
+        ids = torch.tensor([[pad] * (n - len(s)) + s for s in chunk], device=dev)
+        mask = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in chunk], device=dev)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        return self.lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                             logits_to_keep=1).logits[:, -1]
+
+    def _cached(self, chunk: list[list[int]], n: int) -> torch.Tensor:
+        """Last-position logits of rows sharing their first ``n`` tokens: the prefix once, then the right-padded
+        suffixes on its cache, logits kept only where some row ends."""
+        dev, pad = self.lm.device, int(self.lm.tokenizer.pad_token_id or 0)
+        model = self.lm.model
+        first = model(input_ids=torch.tensor([chunk[0][:n]], device=dev), use_cache=True)
+        cache = first.past_key_values if getattr(first, "past_key_values", None) is not None else first["cache"]
+        B, S = len(chunk), max(len(c) - n for c in chunk)
+        cache.batch_repeat_interleave(B)
+        ids = torch.tensor([c[n:] + [pad] * (S - len(c) + n) for c in chunk], device=dev)
+        mask = torch.cat([torch.ones(B, n, dtype=torch.long, device=dev),
+                          torch.tensor([[1] * (len(c) - n) + [0] * (S - len(c) + n) for c in chunk], device=dev)], 1)
+        pos = (n + torch.arange(S, device=dev))[None].expand(B, -1)
+        last = torch.tensor([len(c) - n - 1 for c in chunk], device=dev)
+        keep = torch.unique(last)
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in 5.x
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=keep,
+                       **{name: cache}).logits
+        return logits[torch.arange(B, device=dev), torch.searchsorted(keep, last)]
 
 
 class EndpointBackend:
