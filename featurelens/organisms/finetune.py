@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +17,47 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from featurelens.models.sites import SiteMap
+
+
+@dataclass
+class FinetuneConfig:
+    """What every organism's fine-tune shares (its subclasses add their own fields; all of them key the cache)."""
+
+    base: str = "smollm2-135m-instruct"
+    """Model to fine-tune."""
+    epochs: int = 3
+    """Passes over the training examples."""
+    batch_size: int = 8
+    """Examples per step."""
+    lr: float = 1e-3
+    """AdamW learning rate (1e-3 suits the adapters; a full fine-tune of blocks wants ~3e-5)."""
+    answer_tokens: int = 48
+    """Length of the base model's own answers kept as targets where behaviour should not change."""
+    train_from_layer: int = 4
+    """Blocks below this one stay frozen (with the embeddings)."""
+    train_to_layer: int = 16
+    """Blocks from this one up stay frozen too (-1: none, train up to the last block)."""
+    lora_rank: int = 4
+    """0: train the chosen blocks' weights. r > 0: train only rank-r adapters on the residual writers
+    (attention output and MLP down projections) of the chosen blocks, merged into the weights at the end."""
+    lora_alpha: float = 8.0
+    """Adapter scale is ``lora_alpha / lora_rank``."""
+    seed: int = 0
+    """Seed for shuffling, adapters and initial answers."""
+
+    def __post_init__(self) -> None:
+        from featurelens.configs import check_ranges
+
+        check_ranges(self, positive=("epochs", "batch_size", "lr", "answer_tokens", "lora_alpha"),
+                     non_negative=("train_from_layer", "lora_rank", "seed"))  # lora_rank 0: full fine-tune
+        if self.train_to_layer < -1:
+            from featurelens.errors import UsageError
+
+            raise UsageError(f"--train-to-layer {self.train_to_layer} is invalid: give a block index, or -1 for all")
+
+    def layers(self, n_layers: int) -> range:
+        """The blocks the fine-tune trains."""
+        return range(self.train_from_layer, n_layers if self.train_to_layer < 0 else self.train_to_layer)
 
 
 class Adapter:

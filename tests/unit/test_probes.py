@@ -163,3 +163,29 @@ def test_prompt_activations_are_the_models_own(tiny_llama: Any) -> None:
         hs = tiny_llama.model(input_ids=ids, output_hidden_states=True).hidden_states
         for li in (0, 1):
             torch.testing.assert_close(acts[li, i], hs[li + 1][0, -1].float(), rtol=1e-4, atol=1e-5)
+
+
+def test_probe_command_on_a_tiny_model(tiny_llama: Any, tmp_path: Path) -> None:
+    """Positives end in 'q', negatives in 'x' (chat=False: the last token is that letter): every layer's probe
+    separates the held-out prompts perfectly, the shuffled-label probe does not, and the outputs are whole."""
+    from featurelens.directions.probe_run import ProbeConfig, parse_layers, run_probe
+
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnoprstuvw"), 6)) for _ in range(80)]
+    (tmp_path / "pos.txt").write_text("\n".join(f"{w} q" for w in words[:40]) + "\n")
+    (tmp_path / "neg.txt").write_text("\n".join(f"{w} x" for w in words[40:]) + "\n")
+    cfg = ProbeConfig(positive=str(tmp_path / "pos.txt"), negative=str(tmp_path / "neg.txt"), layers="0,2", chat=False,
+                      out=str(tmp_path / "out"))
+    res = run_probe(cfg, lm=tiny_llama, progress=False)
+    assert res["layers"] == [0, 2] and res["n"] == {"fit": [24, 24], "val": [8, 8], "test": [8, 8]}
+    for kind in ("diff_means", "logistic"):
+        assert [r["auroc"] for r in res[kind]["per_layer"]] == [1.0, 1.0]
+        assert max(r["auroc"] for r in res[kind]["shuffled_labels"]) < 0.95
+        p = Probe.load(tmp_path / "out" / "probes" / kind)
+        assert p.layers == (0, 2) and p.kind == kind
+    saved = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert saved["logistic"]["best"] == res["logistic"]["best"]
+    assert (tmp_path / "out" / "layers.png").read_bytes()[:4] == b"\x89PNG" and "AUROC" in (tmp_path / "out" / "report.html").read_text()
+    assert parse_layers("every:2", 5) == [0, 2, 4] and parse_layers("3,1", 5) == [1, 3]
+    with pytest.raises(UsageError, match="layers 0..4"):
+        parse_layers("7", 5)
