@@ -60,7 +60,8 @@ def main() -> None:
     ap.add_argument("--sae", default=str(ROOT / "runs/demo/saes/topk-w4096-k32"))
     ap.add_argument("--tokens", type=int, default=1_000_000)
     ap.add_argument("--out", default="/tmp/bench_browse")
-    ap.add_argument("--dash-latents", type=int, default=32, help="latents SAEDashboard builds (it is slow per latent)")
+    ap.add_argument("--dash-latents", type=int, default=64,
+                    help="latents SAEDashboard builds (one of its default feature batches: it reruns the model per batch)")
     ap.add_argument("--dash-tokens", type=int, default=200_000,
                     help="tokens SAEDashboard reads (0: --tokens); ours is timed on the same tokens too, for the ratio")
     ap.add_argument("--explain-threads", type=int, default=2, help="torch threads of the autointerp step (not timed)")

@@ -35,9 +35,10 @@ def test_browser_on_the_bundled_model(tmp_path: Path) -> None:
     emb = lm.model.get_input_embeddings().weight.detach()
     sae = get_architecture("topk")(SAEConfig(architecture="topk", d_in=emb.shape[1], d_sae=64, k=4, hook_name=site,
                                              apply_b_dec_to_input=False))
-    with torch.no_grad():  # random latents at small scale; the planted one reads " the" at activation 4
+    with torch.no_grad():  # random latents at small scale; the planted one reads " the" (activation 1 there)
         sae.W_enc.mul_(0.01)
         sae.W_enc[:, PLANTED] = 4 * emb[the] / emb[the].pow(2).sum()
+        sae.b_enc[PLANTED] = -3.0  # tokens projecting under 3/4 of " the" on its embedding stay at 0
     path = sae.eval().save(tmp_path / "saes" / "planted")
     res = browse(BrowseConfig(out=str(tmp_path / "b"), tokens=3000, context_length=64, device="cpu"),
                  sae_paths=[str(path)], lm=lm, progress=False)
