@@ -135,7 +135,8 @@ def test_organism_adapters_merge_exactly(family: str) -> None:
     same outputs, for nn.Linear writers and GPT-2's transposed Conv1D ones; the cache key of the
     original full fine-tune settings is unchanged by the new fields."""
     from featurelens.models.sites import SiteMap
-    from featurelens.organisms.refusal import OrganismConfig, _Adapter
+    from featurelens.organisms.finetune import Adapter as _Adapter
+    from featurelens.organisms.refusal import OrganismConfig
     model = tiny_model(family).eval()
     sm = SiteMap(model)
     gen = torch.Generator().manual_seed(0)
@@ -163,7 +164,8 @@ def test_organism_shared_write_adapters_write_into_one_subspace() -> None:
     import torch.nn as nn
 
     from featurelens.models.sites import SiteMap
-    from featurelens.organisms.refusal import OrganismConfig, _Adapter
+    from featurelens.organisms.finetune import Adapter as _Adapter
+    from featurelens.organisms.refusal import OrganismConfig
     model = tiny_model("llama").eval()
     sm = SiteMap(model)
     gen = torch.Generator().manual_seed(0)
