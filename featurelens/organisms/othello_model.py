@@ -153,6 +153,15 @@ def legality(model: Any, games: list[Game], batch_size: int = 256) -> dict[str, 
     return {"top1_legal": top1 / max(total, 1), "legal_set_recovered": exact / max(total, 1), "positions": total}
 
 
+EVAL_SEED, EXTRA_SEED = 10_000, 20_000
+"""Seed offsets of the held-out games and of games drawn for other uses (harvesting), apart from training's."""
+
+
+def held_out_games(cfg: OthelloConfig) -> list[Game]:
+    """The organism's held-out games (their own seed: regenerated without replaying the training games)."""
+    return random_games(cfg.eval_games, n=cfg.board, seed=cfg.seed + EVAL_SEED, passes=cfg.passes)
+
+
 def _lr(step: int, cfg: OthelloConfig) -> float:
     warm = max(1, int(0.02 * cfg.steps))
     if step < warm:
@@ -165,8 +174,7 @@ def train_othello(cfg: OthelloConfig, out: Path, progress: bool = True,
                   on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train (resuming from ``out/checkpoint.pt``, a state dict + optimiser + step + RNG) and evaluate; the
     finished model and tokenizer are saved as a Hugging Face folder in ``out``."""
-    games = random_games(cfg.games + cfg.eval_games, n=cfg.board, seed=cfg.seed, passes=cfg.passes)
-    train, held = games[:cfg.games], games[cfg.games:]
+    train, held = random_games(cfg.games, n=cfg.board, seed=cfg.seed, passes=cfg.passes), held_out_games(cfg)
     seqs = [game_tokens(g) for g in train]
     model = build_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
