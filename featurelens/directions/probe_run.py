@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,7 @@ def run_probe(cfg: ProbeConfig, lm: Any = None, progress: bool = True) -> dict[s
     from featurelens.atomic import atomic_write_bytes
     from featurelens.directions.instructions import read_instructions
     from featurelens.directions.probes import (
+        Probe,
         evaluate,
         fit_diff_means,
         fit_logistic,
@@ -132,7 +134,7 @@ def run_probe(cfg: ProbeConfig, lm: Any = None, progress: bool = True) -> dict[s
                                       progress=progress, desc=desc)
 
         A = {k: acts(v, k) for k, v in (("fit+", pf), ("fit-", nf), ("val+", pv), ("val-", nv), ("test+", pt), ("test-", nt))}
-        fits = {"diff_means": fit_diff_means, "logistic": fit_logistic}
+        fits: dict[str, Callable[..., Probe]] = {"diff_means": fit_diff_means, "logistic": fit_logistic}
         info = {"model": lm.name}
         curves: dict[str, Any] = {}
         scores: dict[str, Any] = {}
