@@ -56,9 +56,9 @@ def main() -> None:
     hc = json.loads((folder / "config.json").read_text())
     hf = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
     tc = json.loads((folder / "tokenizer_config.json").read_text())
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
-                                  **{k: tc[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if tc.get(k)})
-    tok.save_pretrained(out / "tokenizer")  # a folder this transformers can reopen (TransformerLens does)
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                   **{k: tc[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if tc.get(k)})
+    fast.save_pretrained(out / "tokenizer")  # a folder this transformers can reopen (TransformerLens does)
     tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
     rope = (hc.get("rope_parameters") or {}).get("rope_theta", hc.get("rope_theta", 10000.0))
     cfg_tl = HookedTransformerConfig(
