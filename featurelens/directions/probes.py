@@ -268,7 +268,8 @@ def evaluate(probe: Probe, pos: Tensor, neg: Tensor, val_pos: Tensor | None = No
 
 def random_baseline(probe: Probe, pos: Tensor, neg: Tensor, n: int = 32, seed: int = 0) -> list[dict[str, float]]:
     """Per layer: AUROC of ``n`` Gaussian random directions with each probe row's norm (mean, 2.5% and 97.5%
-    quantiles over the directions)."""
+    quantiles over the directions, and the mean of ``|AUROC - 0.5|``: on easily separated data single random
+    directions land far from 0.5 on either side while their mean stays near it)."""
     g = torch.Generator().manual_seed(seed)
     d = probe.weight.shape[1]
     out = []
@@ -277,7 +278,8 @@ def random_baseline(probe: Probe, pos: Tensor, neg: Tensor, n: int = 32, seed: i
         r = r / r.norm(dim=1, keepdim=True) * float(probe.weight[i].double().norm())
         a = np.array([auroc_ci((pos[i].double() @ v).numpy(), (neg[i].double() @ v).numpy(), 0)[0] for v in r])
         out.append({"layer": layer, "auroc": round(float(a.mean()), 4), "lo": round(float(np.quantile(a, 0.025)), 4),
-                    "hi": round(float(np.quantile(a, 0.975)), 4)})
+                    "hi": round(float(np.quantile(a, 0.975)), 4),
+                    "abs_dev": round(float(np.abs(a - 0.5).mean()), 4)})  # a mean of 0.5 can hide a wide spread
     return out
 
 

@@ -118,6 +118,8 @@ def test_planted_probe_against_baselines(tmp_path: Path) -> None:
         assert s[2].auroc > s[1].auroc > s[0].auroc - 0.1
         rb = random_baseline(probe, tp, tn, n=64)
         assert all(0.35 < r["auroc"] < 0.65 for r in rb)  # random directions: chance on average
+        # but spread far from it where the classes are far apart (layer 2) and not where they are not (layer 0)
+        assert rb[2]["abs_dev"] > rb[0]["abs_dev"] + 0.05 and rb[0]["abs_dev"] < 0.1
         sh = evaluate(shuffled(fit, pos, neg, layers), tp, tn, draws=200)
         assert sh[2].auroc < 0.8  # the shuffled-label probe learns noise
     # a given direction: the planted one is perfect-ish at layer 2, its negation the mirror image
