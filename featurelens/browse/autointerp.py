@@ -111,13 +111,11 @@ class LocalBackend:
 
     def _padded(self, chunk: list[list[int]]) -> torch.Tensor:
         """Last-position logits of left-padded rows, each with its own positions."""
-        dev, pad = self.lm.device, int(self.lm.tokenizer.pad_token_id or 0)
-        n = max(len(s) for s in chunk)
-        ids = torch.tensor([[pad] * (n - len(s)) + s for s in chunk], device=dev)
-        mask = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in chunk], device=dev)
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        return self.lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                             logits_to_keep=1).logits[:, -1]
+        from featurelens.directions.prompts import left_pad
+
+        pb = left_pad(chunk, int(self.lm.tokenizer.pad_token_id or 0), self.lm.device)
+        return self.lm.model(input_ids=pb.input_ids, attention_mask=pb.attention_mask, position_ids=pb.position_ids,
+                             use_cache=False, logits_to_keep=1).logits[:, -1]
 
     def _cached(self, chunk: list[list[int]], n: int) -> torch.Tensor:
         """Last-position logits of rows sharing their first ``n`` tokens: the prefix once, then the right-padded

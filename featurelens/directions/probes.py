@@ -91,16 +91,6 @@ class Probe:
                    str(meta.get("site", "hook_resid_post")), json.dumps(meta.get("info", {})))
 
 
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor, Tensor]:
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, T - len(r):] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
-
-
 @torch.no_grad()
 def prompt_activations(lm: Any, texts: Sequence[str], layers: Sequence[int], site: str = "hook_resid_post",
                        chat: bool = True, batch_size: int = 16, progress: bool = False, desc: str = "activations") -> Tensor:
@@ -109,7 +99,7 @@ def prompt_activations(lm: Any, texts: Sequence[str], layers: Sequence[int], sit
     ``chat``: each text is a user message, formatted with the model's chat template and its generation prompt
     (the last token is the template's last). Otherwise the texts are token sequences already (e.g. a chat
     transcript ending in the assistant's answer) and are tokenized as they are."""
-    from featurelens.directions.prompts import format_instruction
+    from featurelens.directions.prompts import format_instruction, left_pad
     from featurelens.models.hooks import ActivationCapture
 
     if not texts:
@@ -121,8 +111,8 @@ def prompt_activations(lm: Any, texts: Sequence[str], layers: Sequence[int], sit
     with ActivationCapture(lm.model, sites) as cap:
         for b in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
             chunk = [format_instruction(tok, t) if chat else t for t in texts[b:b + batch_size]]
-            ids, mask, pos = _left_pad([list(tok(t, add_special_tokens=False)["input_ids"]) for t in chunk], pad)
-            acts = cap.forward(ids.to(lm.device), attention_mask=mask.to(lm.device), position_ids=pos.to(lm.device))
+            pb = left_pad([list(tok(t, add_special_tokens=False)["input_ids"]) for t in chunk], pad, lm.device)
+            acts = cap.forward(pb.input_ids, attention_mask=pb.attention_mask, position_ids=pb.position_ids)
             out.append(torch.stack([acts[s][:, -1].float().cpu() for s in sites]))
     return torch.cat(out, dim=1)
 

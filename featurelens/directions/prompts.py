@@ -55,17 +55,22 @@ class PromptBatch:
     """``[batch, seq]`` positions counted from each row's first real token."""
 
 
-def encode_prompts(tokenizer: Any, instructions: list[str], device: torch.device | str = "cpu") -> PromptBatch:
-    rows = [_encode(tokenizer, format_instruction(tokenizer, x)) for x in instructions]
+def left_pad(rows: list[list[int]], pad: int, device: torch.device | str = "cpu") -> PromptBatch:
+    """Token rows left-padded with ``pad``, each with positions counted from its own first token."""
     T = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     ids = torch.full((len(rows), T), int(pad), dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, T - len(r) :] = torch.tensor(r)
+        ids[i, T - len(r) :] = torch.tensor(r, dtype=torch.long)
         mask[i, T - len(r) :] = 1
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     return PromptBatch(ids.to(device), mask.to(device), pos.to(device))
+
+
+def encode_prompts(tokenizer: Any, instructions: list[str], device: torch.device | str = "cpu") -> PromptBatch:
+    rows = [_encode(tokenizer, format_instruction(tokenizer, x)) for x in instructions]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return left_pad(rows, int(pad), device)
 
 
 def next_token_logits(lm: LoadedModel, instructions: list[str]) -> Tensor:
