@@ -156,7 +156,8 @@ def edit_hooks(model: nn.Module, edit: Edit) -> Iterator[None]:
                     handles.append(m.register_forward_hook(replace_output_hook(_norm_restoring(q))))
                     continue
                 if edit.norm_preserving:
-                    scale = _write_scale(m.weight, q, sm.family.conv1d_writers).to(p0.dtype)
+                    scale = _write_scale(m.weight, q,  # type: ignore[arg-type]
+                                         sm.family.conv1d_writers).to(p0.dtype)
                     handles.append(m.register_forward_pre_hook(
                         replace_input_hook(lambda a, s=scale: a * s.to(a.device, a.dtype)), with_kwargs=True))
                 handles.append(m.register_forward_hook(replace_output_hook(_projector(q, p0))))
@@ -205,7 +206,8 @@ def removed_fraction(model: nn.Module, edit: Edit) -> float:
     worst = 0.0
     for mods, q, is_embed in _groups(sm, edit):
         for m in mods:
-            w = m.weight.detach().double()  # type: ignore[union-attr]
+            w: Tensor = m.weight  # type: ignore[assignment]
+            w = w.detach().double()
             rows = w if (is_embed or sm.family.conv1d_writers) else w.T
             frac = (rows @ q.to(w.device).double()).norm(dim=1) / rows.norm(dim=1).clamp_min(1e-30)
             worst = max(worst, float(frac.max()))
