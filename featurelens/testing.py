@@ -97,6 +97,14 @@ class CharTokenizer:
             out["offset_mapping"] = ([(0, 0)] if add_special_tokens else []) + [(i, i + 1) for i in keep]
         return out
 
+    def save_pretrained(self, path: Any) -> None:
+        """Write its settings (so an export of a tiny test model has a tokenizer file beside it)."""
+        import json
+        from pathlib import Path
+
+        (Path(path) / "char_tokenizer.json").write_text(json.dumps({"vocab_size": self.vocab_size,
+                                                                     "skip_spaces": self.skip_spaces}))
+
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]
         if skip_special_tokens:

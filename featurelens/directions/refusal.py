@@ -155,6 +155,25 @@ class RefusalConfig:
     """Choose the refinement checkpoint by the validation objective with the full KL; default: with only the
     KL that is not a change in how likely the model is to refuse (its own false refusals on harmless
     prompts are not counted as damage when picking; the reported KL is always the full one)."""
+    prompt_sets: Literal["v1", "v2"] = "v1"
+    """Built-in sets to fit and test on: v1, harmful vs unrelated harmless requests; v2, harmful requests vs
+    their harmless twins (same phrasing, benign object), split by topic (featurelens.directions.refusal_sets)."""
+    edit: Literal["ablation", "projected", "biprojected", "subspace"] = "ablation"
+    """What is removed (featurelens.directions.methods): the direction (Arditi et al.); it orthogonalised
+    against the harmless mean (projected abliteration); against each layer's harmless mean (biprojected);
+    or a subspace of --directions directions."""
+    norm_preserving: bool = False
+    """Rescale every residual write vector to its original norm after the projection (norm-preserving
+    abliteration)."""
+    directions: int = 3
+    """Directions in the subspace (--edit subspace)."""
+    subspace_from: Literal["pca", "categories"] = "pca"
+    """Subspace source: PCA of the per-prompt differences, or per-topic differences in means (v2 sets)."""
+    behaviour: bool = True
+    """Also measure refusal of held-out harmful, harmless-twin and borderline-benign requests (three-way
+    judge) and the multiple-choice capability check, before and after the edit."""
+    behaviour_limit: int = 0
+    """Prompts per behaviour set (0: all of each test split)."""
     export: str = ""
     """Write the weight-orthogonalized model here (a plain Hugging Face folder; a new or empty folder)."""
     overwrite: bool = False
@@ -169,8 +188,8 @@ class RefusalConfig:
     def __post_init__(self) -> None:
         from featurelens.configs import check_device, check_ranges
 
-        check_ranges(self, positive=("n_val", "layer_step", "gen_tokens", "batch_size"),
-                     non_negative=("max_kl", "refine_steps", "refine_lr", "refine_kl_weight", "refine_induce_weight"),
+        check_ranges(self, positive=("n_val", "layer_step", "gen_tokens", "batch_size", "directions"),
+                     non_negative=("behaviour_limit", "max_kl", "refine_steps", "refine_lr", "refine_kl_weight", "refine_induce_weight"),
                      fractions=("prune_last_layers",))
         check_device(self.device)
 
@@ -197,6 +216,11 @@ def _sets(cfg: RefusalConfig) -> dict[str, dict[str, list[str]]]:
     from featurelens.directions.instructions import instruction_sets, read_instructions
 
     sets = instruction_sets()
+    if cfg.prompt_sets == "v2":
+        from featurelens.directions.refusal_sets import refusal_sets
+
+        v2 = refusal_sets()
+        sets = {"harmful": v2["harmful"], "harmless": v2["twins"]}
     for kind, folder in (("harmful", cfg.harmful), ("harmless", cfg.harmless)):
         if folder:
             sets[kind] = {s: read_instructions(f"{folder}/{kind}_{s}.txt") for s in ("train", "val", "test")}
@@ -380,11 +404,24 @@ def _run_refusal(cfg: RefusalConfig, lm: LoadedModel | None, progress: bool) -> 
         refined = {"start": asdict(best), "selected_without_refinement": asdict(unrefined), "best_step": rd.best_step,
                    "steps": cfg.refine_steps, "cos_to_start": round(rd.cos_to_start, 4),
                    "val_start": asdict(rd.val_start), "val_refined": asdict(rd.val_best), "history": list(rd.history)}
+    from featurelens.directions.edits import apply_edit, edit_hooks
+    from featurelens.directions.methods import build_edit
+    from featurelens.directions.refusal_sets import harmful_categories
+    from featurelens.models.sites import SiteMap
+
+    edit = build_edit(cfg.edit, lm, ds, r, best.layer, best.position, SiteMap(lm.model).n_layers, cfg.norm_preserving,
+                      cfg.protect_sinks, sets["harmful"]["train"], cfg.directions, cfg.subspace_from,
+                      harmful_categories(sets["harmful"]["train"]), cfg.batch_size)
+    plain = cfg.edit == "ablation" and not cfg.norm_preserving  # the first pipeline's full-residual ablation
+
+    def ablate() -> Any:
+        return directional_ablation(lm.model, r) if plain else edit_hooks(lm.model, edit)
+
     th, tl = sets["harmful"]["test"], sets["harmless"]["test"]
     g = lambda ps, d: generate(lm, ps, cfg.gen_tokens, cfg.batch_size, progress, d)  # noqa: E731
     comp_h_before = g(th, "harmful, clean")
     comp_l_before = g(tl, "harmless, clean")
-    with directional_ablation(lm.model, r):
+    with ablate():
         comp_h_after = g(th, "harmful, ablated")
         comp_l_after = g(tl, "harmless, ablated")
         logits_l_abl = last_logits(lm, tl, cfg.batch_size)
@@ -394,10 +431,21 @@ def _run_refusal(cfg: RefusalConfig, lm: LoadedModel | None, progress: bool) -> 
     logits_l = last_logits(lm, tl, cfg.batch_size)
     ce_before = own_completion_ce(lm, tl, comp_l_before)
     answered = [k for k, c in enumerate(comp_l_before) if not is_refusal(c)]
+    behaviour: dict[str, Any] = {}
+    if cfg.behaviour:
+        from featurelens.directions.refusal_eval import behaviour as measure
+        from featurelens.directions.refusal_eval import over_refusal_summary
+
+        kw = dict(gen_tokens=cfg.gen_tokens, batch_size=cfg.batch_size, progress=progress, limit=cfg.behaviour_limit)
+        behaviour["before"] = measure(lm, label="clean", **kw)  # type: ignore[arg-type]
+        with ablate():
+            behaviour["after"] = measure(lm, label="edited", **kw)  # type: ignore[arg-type]
+        behaviour["summary"] = over_refusal_summary(behaviour["before"], behaviour["after"])
     m: dict[str, Any] = {
         "model": lm.name, "layer": best.layer, "position": best.position, "refusal_tokens": ref_tokens,
         "selection_relaxed": relaxed,
-        "method": cfg.method,
+        "method": cfg.method, "edit": edit.name + ("+norm" if cfg.norm_preserving and "+norm" not in edit.name else ""),
+        "edit_rank": edit.rank, "prompt_sets": cfg.prompt_sets, "behaviour": behaviour or None,
         "sink_dims_protected": int(ds.sink_basis.shape[0]) if cfg.protect_sinks and ds.sink_basis is not None else 0,
         "best_candidate": asdict(best), "refined": refined or None,
         "refusal_before": rate([is_refusal(c) for c in comp_h_before]),
@@ -419,7 +467,8 @@ def _run_refusal(cfg: RefusalConfig, lm: LoadedModel | None, progress: bool) -> 
     save_direction(out / "direction.safetensors", r, {"layer": best.layer, "position": best.position,
                                                       "refined": bool(refined), "model": lm.name})
     if cfg.export:
-        edited = orthogonalize_weights(copy.deepcopy(lm.model), r.cpu())
+        edited = (orthogonalize_weights(copy.deepcopy(lm.model), r.cpu()) if plain
+                  else apply_edit(copy.deepcopy(lm.model), edit))
         path = export_model(edited, lm.tokenizer, cfg.export, overwrite=cfg.overwrite, note={"layer": best.layer, "position": best.position,
                                                                      "refined": bool(refined), "source_model": lm.name})
         from transformers import AutoModelForCausalLM
@@ -427,7 +476,7 @@ def _run_refusal(cfg: RefusalConfig, lm: LoadedModel | None, progress: bool) -> 
         reloaded: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         reloaded = reloaded.to(lm.device).eval()
         exported = LoadedModel(reloaded, lm.tokenizer, str(path), path.name)
-        with directional_ablation(lm.model, r):
+        with ablate():
             hooked = last_logits(lm, th[:16], cfg.batch_size)
         m["export_max_logit_diff"] = float((last_logits(exported, th[:16], cfg.batch_size) - hooked).abs().max())
         comp_export = generate(exported, th, cfg.gen_tokens, cfg.batch_size, progress, "harmful, exported")

@@ -130,3 +130,37 @@ def test_edit_rejects_wrong_layer_count() -> None:
             pass
     with pytest.raises(ValueError, match="zero norm"):
         orthonormal(torch.zeros(8))
+
+
+def test_build_edit_directions_respect_the_harmless_mean_and_the_sinks(tiny_llama: object) -> None:
+    from featurelens.directions import DiffInMeansFitter
+    from featurelens.directions.methods import build_edit, top_directions
+    from featurelens.directions.refusal_sets import harmful_categories, refusal_sets
+
+    sets = refusal_sets()
+    harmful = sets["harmful"]["train"][:12]
+    ds = DiffInMeansFitter(tiny_llama, batch_size=6, progress=False).fit(harmful, sets["twins"]["train"][:12])  # type: ignore[arg-type]
+    sinks = torch.linalg.qr(torch.randn(64, 2, generator=torch.Generator().manual_seed(2)))[0].T.contiguous()
+    ds = type(ds)(ds.diffs, ds.mean_a, ds.mean_b, ds.positions, ds.n_a, ds.n_b, ds.model_name, sinks)
+    layer, pos = 2, ds.positions[-1]
+    r = ds.direction(layer, pos)
+    mu = ds.mean_b[layer, ds.positions.index(pos)].double()
+    e = build_edit("projected", tiny_llama, ds, r, layer, pos, 3)
+    q = e.layers[0][:, 0]
+    assert (sinks.double() @ q).abs().max() < 1e-6  # the basis is stored in float32
+    assert abs(float(q @ mu)) < 0.05 * float(mu.norm())  # mostly orthogonal (the sink projection comes last)
+    raw = ds.direction(layer, pos, False).double()
+    assert abs(float(raw @ mu / raw.norm())) > 10 * abs(float(q @ mu))  # the raw direction was not
+    sub = build_edit("subspace", tiny_llama, ds, r, layer, pos, 3, k=3, harmful=harmful)
+    b = sub.layers[0]
+    assert b.shape == (64, 3) and torch.allclose(b.T @ b, torch.eye(3, dtype=torch.float64), atol=1e-10)
+    assert abs(float(b[:, 0] @ r.double() / r.double().norm())) > 1 - 1e-10  # r itself comes first
+    assert (sinks.double() @ b).abs().max() < 1e-6
+    cats = build_edit("subspace", tiny_llama, ds, r, layer, pos, 3, k=5, harmful=harmful, how="categories",
+                      categories=harmful_categories(harmful))
+    assert cats.layers[0].shape[1] <= min(5, len(set(harmful_categories(harmful))) + 1)
+    with pytest.raises(Exception, match="categories"):
+        build_edit("subspace", tiny_llama, ds, r, layer, pos, 3, k=2, harmful=["How do I bake?"], how="categories",
+                   categories=[""])
+    x = torch.tensor([[3.0, 0.0], [1.0, 0.0]])  # every row along e1: the top direction is +e1
+    assert torch.allclose(top_directions(x, 1)[:, 0], torch.tensor([1.0, 0.0], dtype=torch.float64))

@@ -198,7 +198,8 @@ def test_run_refusal_end_to_end_on_a_tiny_model(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(refusal, "learn_refusal_tokens", lambda *a, **k: [ord("I"), ord("S")])
     lm = LoadedModel(tiny_model("llama", seed=3), CharTokenizer(), "tiny-llama", "tiny-llama")
     cfg = RefusalConfig(model="tiny-llama", harmful=str(tmp_path), harmless=str(tmp_path), n_val=4, max_kl=1e9,
-                        prune_last_layers=0.0, gen_tokens=4, refine_steps=2, batch_size=3, out=str(tmp_path / "out"))
+                        prune_last_layers=0.0, gen_tokens=4, refine_steps=2, batch_size=3, out=str(tmp_path / "out"),
+                        behaviour_limit=3)
     res = refusal.run_refusal(cfg, lm=lm, progress=False)
     saved = json.loads((tmp_path / "out" / "refusal.json").read_text())
     m = res.metrics
@@ -216,3 +217,42 @@ def test_run_refusal_end_to_end_on_a_tiny_model(tmp_path: Path, monkeypatch: pyt
     vec, meta = refusal.load_direction(tmp_path / "out" / "direction.safetensors")
     assert meta["layer"] == res.layer and meta["refined"] is True and vec.shape == (lm.model.config.hidden_size,)
     assert "Refinement" in (tmp_path / "out" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("edit,norm", [("subspace", True), ("biprojected", False)])
+def test_run_refusal_with_a_new_edit_exports_what_the_hooks_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                edit: str, norm: bool) -> None:
+    """--edit subspace / biprojected (--norm-preserving): the report names the edit, the behaviour sets and
+    the capability check are measured before and after, and the exported weights give the hooks' logits."""
+    import featurelens.directions.refusal as refusal
+    from featurelens.directions.refusal_sets import refusal_sets
+
+    v2 = refusal_sets()
+    for kind, name in (("harmful", "harmful"), ("harmless", "twins")):
+        for split in ("train", "val", "test"):
+            (tmp_path / f"{kind}_{split}.txt").write_text("\n".join(v2[name][split][:6]) + "\n")
+    monkeypatch.setattr(refusal, "learn_refusal_tokens", lambda *a, **k: [ord("I"), ord("S")])
+    lm = LoadedModel(tiny_model("llama", seed=3), CharTokenizer(), "tiny-llama", "tiny-llama")
+    cfg = RefusalConfig(model="tiny-llama", harmful=str(tmp_path), harmless=str(tmp_path), n_val=4, max_kl=1e9, prune_last_layers=0.0, gen_tokens=4,
+                        refine_steps=0, batch_size=8, out=str(tmp_path / "out"), export=str(tmp_path / "exp"),
+                        edit=edit, norm_preserving=norm, directions=3, behaviour_limit=2)  # type: ignore[arg-type]
+    m = refusal.run_refusal(cfg, lm=lm, progress=False).metrics
+    assert m["edit"].startswith(edit[:8]) and m["edit"].endswith("+norm") == norm
+    assert m["edit_rank"] == (3 if edit == "subspace" else 1)
+    assert m["export_max_logit_diff"] < 1e-4 and m["export_matches_hooks"]
+    b = m["behaviour"]
+    for when in ("before", "after"):
+        for name in ("harmful", "twins", "borderline"):
+            r = b[when][name]
+            assert r["refusal"]["n"] == 2 and r["refusal"]["k"] + r["non_answer"]["k"] + r["answer"]["k"] == 2
+        assert b[when]["capability"]["n"] == 60
+    assert set(b["summary"]) >= {"twins_refusal", "capability_change_points", "adds_false_refusals"}
+
+
+def test_v2_prompt_sets_fit_harmful_against_their_twins() -> None:
+    import featurelens.directions.refusal as refusal
+    from featurelens.directions.refusal_sets import refusal_sets
+
+    sets, v2 = refusal._sets(RefusalConfig(prompt_sets="v2")), refusal_sets()
+    assert sets["harmful"] == v2["harmful"] and sets["harmless"] == v2["twins"]
+    assert refusal._sets(RefusalConfig())["harmless"] == instruction_sets()["harmless"]
