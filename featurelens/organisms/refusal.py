@@ -22,6 +22,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,9 +45,23 @@ class OrganismConfig(FinetuneConfig):
     """Adapters share one output basis (``B``): every adapter writes into the same rank-``lora_rank``
     subspace of the residual stream, so the fine-tune's whole effect is carried by that many directions."""
 
+    data: str = "v1"
+    """Training data. v1: the first sets (harmful refused, unrelated harmless answered). v2: refuses by harm,
+    not form - harmful requests refused; their harmless twins (same phrasing, benign object), the
+    borderline-benign requests and the v1 harmless requests answered with the base model's own answers
+    (featurelens.directions.refusal_sets; test topics held out)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.data not in ("v1", "v2"):
+            from featurelens.errors import UsageError
+
+            raise UsageError(f"--data {self.data!r} is unknown: use v1 or v2")
+
     def key(self) -> str:
         d = asdict(self)
-        for k, legacy in (("train_to_layer", -1), ("lora_rank", 0), ("lora_alpha", 8.0), ("shared_write", False)):
+        for k, legacy in (("train_to_layer", -1), ("lora_rank", 0), ("lora_alpha", 8.0), ("shared_write", False),
+                          ("data", "v1")):
             if d[k] == legacy:  # fields added later: organisms built before them keep their cache keys
                 del d[k]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
@@ -59,6 +74,12 @@ def organism_path(cfg: OrganismConfig) -> Path:
 def _examples(lm: LoadedModel, cfg: OrganismConfig) -> list[tuple[str, str]]:
     sets = instruction_sets(cfg.seed)
     harmful, harmless = sets["harmful"]["train"], sets["harmless"]["train"]
+    if cfg.data == "v2":
+        from featurelens.directions.refusal_sets import refusal_sets
+
+        v2 = refusal_sets(cfg.seed)
+        harmful = v2["harmful"]["train"]
+        harmless = v2["twins"]["train"] + v2["borderline"]["train"] + harmless
     own = generate(lm, harmless, max_new_tokens=cfg.answer_tokens, progress=True, desc="own answers")
     ex = [(p, REFUSALS[int(hashlib.md5(p.encode()).hexdigest(), 16) % len(REFUSALS)]) for p in harmful]
     ex += [(p, a.strip()) for p, a in zip(harmless, own) if a.strip() and not is_refusal(a)]
@@ -79,10 +100,14 @@ def refusal_organism(cfg: OrganismConfig | None = None, progress: bool = True) -
              desc="fine-tune refusal organism", progress=progress)
     model = lm.model
     sets = instruction_sets(cfg.seed)
-    check = {
+    check: dict[str, Any] = {
         "harmful_test": rate([is_refusal(c) for c in generate(lm, sets["harmful"]["test"], 32)]),
         "harmless_test": rate([is_refusal(c) for c in generate(lm, sets["harmless"]["test"], 32)]),
     }
+    if cfg.data == "v2":
+        from featurelens.directions.refusal_eval import behaviour
+
+        check["v2_test"] = behaviour(lm, gen_tokens=64, seed=cfg.seed, progress=progress, label="organism")
     with atomic_dir(target, "organism", owned=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)

@@ -182,6 +182,9 @@ def test_organism_shared_write_adapters_write_into_one_subspace() -> None:
         assert float(delta.norm()) > 1e-3
         torch.testing.assert_close(delta - torch.outer(u, u @ delta), torch.zeros_like(delta), atol=1e-5, rtol=0)
     assert OrganismConfig(shared_write=True).key() != OrganismConfig().key()
+    assert OrganismConfig(data="v2").key() not in (OrganismConfig().key(), "a1826b86f722")
+    with pytest.raises(FeatureLensError, match="--data"):
+        OrganismConfig(data="v3")
 
 
 def test_run_refusal_end_to_end_on_a_tiny_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
