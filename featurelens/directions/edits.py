@@ -77,6 +77,9 @@ class Edit:
     """Rescale every write vector to its original norm after the projection."""
     name: str = "ablation"
     """Which method built it (for reports)."""
+    scales: tuple[float, ...] | None = None
+    """Optional strength per writer group (embeddings first, then each block): ``w <- w - s Q Q^T w``; 1 removes
+    the span, 0 leaves the group alone (a search's per-layer ablation weights). None: 1 everywhere."""
 
     @property
     def rank(self) -> int:
@@ -135,12 +138,16 @@ def _norm_restoring(q: Tensor) -> Any:
 
 
 def _groups(sm: SiteMap, edit: Edit) -> list[tuple[list[nn.Module], Tensor, bool]]:
-    """(modules, basis, is_embedding) for every writer group."""
+    """(modules, basis, is_embedding) for every writer group; a scaled basis ``sqrt(s) Q`` stands for a
+    group of strength ``s`` (so ``Q' Q'^T = s Q Q^T``), and a group of strength 0 is left out."""
     if len(edit.layers) != sm.n_layers:
         raise ValueError(f"edit has {len(edit.layers)} layer bases but the model has {sm.n_layers} blocks")
+    scales = edit.scales if edit.scales is not None else (1.0,) * (sm.n_layers + 1)
+    if len(scales) != sm.n_layers + 1:
+        raise ValueError(f"edit has {len(scales)} scales: give one for the embeddings and one per block ({sm.n_layers + 1})")
     out: list[tuple[list[nn.Module], Tensor, bool]] = [(sm.embedding_modules(), edit.embed, True)]
     out += [(sm.writer_modules(i), edit.layers[i], False) for i in range(sm.n_layers)]
-    return out
+    return [(mods, q * float(s) ** 0.5, e) for (mods, q, e), s in zip(out, scales) if s != 0]
 
 
 @contextmanager

@@ -158,10 +158,18 @@ class RefusalConfig:
     prompt_sets: Literal["v1", "v2"] = "v1"
     """Built-in sets to fit and test on: v1, harmful vs unrelated harmless requests; v2, harmful requests vs
     their harmless twins (same phrasing, benign object), split by topic (featurelens.directions.refusal_sets)."""
-    edit: Literal["ablation", "projected", "biprojected", "subspace"] = "ablation"
+    edit: Literal["ablation", "projected", "biprojected", "subspace", "search"] = "ablation"
     """What is removed (featurelens.directions.methods): the direction (Arditi et al.); it orthogonalised
     against the harmless mean (projected abliteration); against each layer's harmless mean (biprojected);
-    or a subspace of --directions directions."""
+    a subspace of --directions directions; or the best trial of a multi-objective search over direction
+    layer, position, projection and per-layer weights on validation prompts (featurelens.directions.search;
+    replaces the refinement)."""
+    search_trials: int = 30
+    """Trials of --edit search."""
+    search_sampler: Literal["tpe", "random"] = "tpe"
+    """tpe: optuna's multi-objective TPE (the search extra); random: seeded uniform sampling."""
+    search_capability: bool = True
+    """Score each search trial's capability check too (a third objective)."""
     norm_preserving: bool = False
     """Rescale every residual write vector to its original norm after the projection (norm-preserving
     abliteration)."""
@@ -188,7 +196,7 @@ class RefusalConfig:
     def __post_init__(self) -> None:
         from featurelens.configs import check_device, check_ranges
 
-        check_ranges(self, positive=("n_val", "layer_step", "gen_tokens", "batch_size", "directions"),
+        check_ranges(self, positive=("n_val", "layer_step", "gen_tokens", "batch_size", "directions", "search_trials"),
                      non_negative=("behaviour_limit", "max_kl", "refine_steps", "refine_lr", "refine_kl_weight", "refine_induce_weight"),
                      fractions=("prune_last_layers",))
         check_device(self.device)
@@ -387,7 +395,22 @@ def _run_refusal(cfg: RefusalConfig, lm: LoadedModel | None, progress: bool) -> 
                                                                                   sets["harmless"]["train"])
     best, cands, relaxed = select_direction(lm, ds, hv, hlv, ref_tokens, cfg, progress)
     refined: dict[str, Any] = {}
-    if cfg.refine_steps <= 0:
+    searched: dict[str, Any] = {}
+    if cfg.edit == "search":
+        from featurelens.directions.search import edit_for, search
+        from featurelens.models.sites import SiteMap as _SiteMap
+
+        sr = search(lm, ds, hv, hlv, cfg.search_trials, cfg.search_sampler, gen_tokens=min(cfg.gen_tokens, 32),
+                    max_kl=cfg.max_kl, capability=cfg.search_capability, protect_sinks=cfg.protect_sinks,
+                    batch_size=cfg.batch_size, progress=progress)
+        chosen = next(t for t in sr.trials if t.number == sr.chosen)
+        search_edit = edit_for(ds, chosen.params, _SiteMap(lm.model).n_layers, cfg.protect_sinks)
+        r = search_edit.embed[:, 0].float().to(lm.device)
+        best = dataclasses.replace(best, layer=int(round(float(chosen.params["direction_layer"]))),
+                                   position=int(chosen.params["position"]))
+        searched = {"chosen": sr.chosen, "front": list(sr.front), "baseline": asdict(sr.baseline),
+                    "trials": [asdict(t) for t in sr.trials], "sampler": cfg.search_sampler}
+    elif cfg.refine_steps <= 0:
         r = ds.direction(best.layer, best.position, cfg.protect_sinks).to(lm.device)
     else:
         unrefined = best
@@ -409,9 +432,12 @@ def _run_refusal(cfg: RefusalConfig, lm: LoadedModel | None, progress: bool) -> 
     from featurelens.directions.refusal_sets import harmful_categories
     from featurelens.models.sites import SiteMap
 
-    edit = build_edit(cfg.edit, lm, ds, r, best.layer, best.position, SiteMap(lm.model).n_layers, cfg.norm_preserving,
-                      cfg.protect_sinks, sets["harmful"]["train"], cfg.directions, cfg.subspace_from,
-                      harmful_categories(sets["harmful"]["train"]), cfg.batch_size)
+    if searched:
+        edit = dataclasses.replace(search_edit, norm_preserving=cfg.norm_preserving)
+    else:
+        edit = build_edit(cfg.edit, lm, ds, r, best.layer, best.position, SiteMap(lm.model).n_layers,
+                          cfg.norm_preserving, cfg.protect_sinks, sets["harmful"]["train"], cfg.directions,
+                          cfg.subspace_from, harmful_categories(sets["harmful"]["train"]), cfg.batch_size)
     plain = cfg.edit == "ablation" and not cfg.norm_preserving  # the first pipeline's full-residual ablation
 
     def ablate() -> Any:
@@ -445,7 +471,7 @@ def _run_refusal(cfg: RefusalConfig, lm: LoadedModel | None, progress: bool) -> 
         "model": lm.name, "layer": best.layer, "position": best.position, "refusal_tokens": ref_tokens,
         "selection_relaxed": relaxed,
         "method": cfg.method, "edit": edit.name + ("+norm" if cfg.norm_preserving and "+norm" not in edit.name else ""),
-        "edit_rank": edit.rank, "prompt_sets": cfg.prompt_sets, "behaviour": behaviour or None,
+        "edit_rank": edit.rank, "prompt_sets": cfg.prompt_sets, "behaviour": behaviour or None, "search": searched or None,
         "sink_dims_protected": int(ds.sink_basis.shape[0]) if cfg.protect_sinks and ds.sink_basis is not None else 0,
         "best_candidate": asdict(best), "refined": refined or None,
         "refusal_before": rate([is_refusal(c) for c in comp_h_before]),

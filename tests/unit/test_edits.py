@@ -164,3 +164,30 @@ def test_build_edit_directions_respect_the_harmless_mean_and_the_sinks(tiny_llam
                    categories=[""])
     x = torch.tensor([[3.0, 0.0], [1.0, 0.0]])  # every row along e1: the top direction is +e1
     assert torch.allclose(top_directions(x, 1)[:, 0], torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_per_layer_strengths(norm: bool) -> None:
+    """A search's per-layer weights: strength 0 leaves a block's writers untouched, 0.5 removes half the
+    component (w.r = 0.5 of before), 1.5 overshoots; hooks still equal weights."""
+    model = _model("llama")
+    sm = SiteMap(model)
+    r = torch.randn(sm.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    edit = Edit.uniform(r, sm.n_layers, norm)
+    scaled = Edit(edit.embed, edit.layers, norm, "s", (0.0, 0.5, 0.0, 1.5))
+    with edit_hooks(model, scaled):
+        hooked = model(IDS).logits
+    edited = apply_edit(copy.deepcopy(model), scaled)
+    assert (edited(IDS).logits - hooked).abs().max() < 1e-9
+    u = edit.embed[:, 0]
+    for layer, s in ((0, 0.5), (1, 0.0), (2, 1.5)):
+        for a, b in zip(sm.writer_modules(layer), SiteMap(edited).writer_modules(layer)):
+            before, after = u @ a.weight, u @ b.weight  # each input unit's write along u
+            if s == 0:
+                assert torch.equal(a.weight, b.weight)
+            elif not norm:
+                assert torch.allclose(after, (1 - s) * before, atol=1e-10)
+    assert torch.equal(SiteMap(model).embedding_modules()[0].weight, SiteMap(edited).embedding_modules()[0].weight)
+    with pytest.raises(ValueError, match="scales"):
+        with edit_hooks(model, Edit(edit.embed, edit.layers, norm, "s", (1.0,))):
+            pass

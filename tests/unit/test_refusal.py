@@ -222,7 +222,7 @@ def test_run_refusal_end_to_end_on_a_tiny_model(tmp_path: Path, monkeypatch: pyt
     assert "Refinement" in (tmp_path / "out" / "report.html").read_text()
 
 
-@pytest.mark.parametrize("edit,norm", [("subspace", True), ("biprojected", False)])
+@pytest.mark.parametrize("edit,norm", [("subspace", True), ("biprojected", False), ("search", False)])
 def test_run_refusal_with_a_new_edit_exports_what_the_hooks_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 edit: str, norm: bool) -> None:
     """--edit subspace / biprojected (--norm-preserving): the report names the edit, the behaviour sets and
@@ -238,10 +238,15 @@ def test_run_refusal_with_a_new_edit_exports_what_the_hooks_do(tmp_path: Path, m
     lm = LoadedModel(tiny_model("llama", seed=3), CharTokenizer(), "tiny-llama", "tiny-llama")
     cfg = RefusalConfig(model="tiny-llama", harmful=str(tmp_path), harmless=str(tmp_path), n_val=4, max_kl=1e9, prune_last_layers=0.0, gen_tokens=4,
                         refine_steps=0, batch_size=8, out=str(tmp_path / "out"), export=str(tmp_path / "exp"),
-                        edit=edit, norm_preserving=norm, directions=3, behaviour_limit=2)  # type: ignore[arg-type]
+                        edit=edit, norm_preserving=norm, directions=3, behaviour_limit=2, search_trials=2,
+                        search_sampler="random", search_capability=False)  # type: ignore[arg-type]
     m = refusal.run_refusal(cfg, lm=lm, progress=False).metrics
     assert m["edit"].startswith(edit[:8]) and m["edit"].endswith("+norm") == norm
     assert m["edit_rank"] == (3 if edit == "subspace" else 1)
+    if edit == "search":  # the chosen trial is on the front, and its direction is what was saved
+        assert m["search"]["chosen"] in m["search"]["front"] and len(m["search"]["trials"]) == 2
+        vec, _ = refusal.load_direction(tmp_path / "out" / "direction.safetensors")
+        assert abs(float(vec.double() @ vec.double())) == pytest.approx(1.0, abs=1e-5)
     assert m["export_max_logit_diff"] < 1e-4 and m["export_matches_hooks"]
     b = m["behaviour"]
     for when in ("before", "after"):
