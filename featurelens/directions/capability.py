@@ -104,7 +104,7 @@ def option_logprobs(lm: Any, context: str, options: Sequence[str]) -> list[float
 
 def capability_check(lm: Any, questions: Sequence[tuple[str, Sequence[str], int]] = QUESTIONS) -> dict[str, Any]:
     """Length-normalised multiple-choice accuracy (with a Wilson interval) and the per-question picks."""
-    from featurelens.directions.refusal import rate
+    from featurelens.directions.completions import rate
 
     picks, right = [], []
     for q, opts, answer in questions:

@@ -93,7 +93,7 @@ def judge(prompt: str, completion: str) -> Verdict:
 
 def verdict_rates(prompts: Sequence[str], completions: Sequence[str]) -> dict[str, dict[str, object]]:
     """``{"refusal": rate, "non_answer": rate, "answer": rate}`` with Wilson intervals."""
-    from featurelens.directions.refusal import rate
+    from featurelens.directions.completions import rate
 
     v = [judge(p, c) for p, c in zip(prompts, completions)]
     return {k: rate([x == k for x in v]) for k in ("refusal", "non_answer", "answer")}

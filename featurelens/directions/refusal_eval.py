@@ -16,8 +16,8 @@ def behaviour(lm: Any, gen_tokens: int = 64, batch_size: int = 16, seed: int = 0
     """``{set: {"refusal": rate, "non_answer": rate, "answer": rate}, ..., "capability": {...}}`` on the
     v2 test splits (``limit`` > 0 keeps the first ``limit`` prompts of each)."""
     from featurelens.directions.capability import capability_check
+    from featurelens.directions.completions import generate
     from featurelens.directions.judge import verdict_rates
-    from featurelens.directions.refusal import generate
     from featurelens.directions.refusal_sets import refusal_sets
 
     sets = refusal_sets(seed)

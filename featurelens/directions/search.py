@@ -154,10 +154,10 @@ def search(lm: Any, ds: DirectionSet, val_harmful: list[str], val_harmless: list
     from tqdm.auto import tqdm
 
     from featurelens.directions.capability import capability_check
+    from featurelens.directions.completions import first_token_kl, generate
     from featurelens.directions.edits import edit_hooks
     from featurelens.directions.judge import judge
     from featurelens.directions.prompts import last_logits
-    from featurelens.directions.refusal import first_token_kl, generate
     from featurelens.models.sites import SiteMap
 
     if n_trials < 1:

