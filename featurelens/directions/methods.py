@@ -3,6 +3,8 @@
 * ``ablation``: the chosen direction ``r`` everywhere (Arditi et al. 2024).
 * ``projected``: ``r`` orthogonalised against the harmless mean at the chosen layer and position.
 * ``biprojected``: against each target layer's harmless mean at the chosen position.
+* ``cone``: a ``k``-dimensional refusal cone optimised from the subspace's basis
+  (:mod:`featurelens.directions.cone`), whose span is ablated.
 * ``subspace``: ``k`` directions ablated together, from the per-prompt differences at the chosen layer
   and position (``subspace_from="pca"``: the top ``k`` right singular vectors of ``x_i - mu_harmless`` over
   the harmful training prompts, uncentred, so the first is close to the difference in means) or from the
@@ -108,4 +110,18 @@ def build_edit(edit: str, lm: Any, ds: DirectionSet, r: Tensor, layer: int, posi
     raise UsageError(f"unknown --edit {edit!r}: choose from {', '.join(EDITS)}")
 
 
-__all__ = ["build_edit", "offset_activations", "refusal_subspace", "top_directions"]
+def cone_edit(lm: Any, ds: DirectionSet, r: Tensor, layer: int, position: int, n_layers: int, refusal_tokens: list[int],
+              train: tuple[list[str], list[str]], val: tuple[list[str], list[str]], k: int, settings: Any,
+              norm_preserving: bool = False, protect_sinks: bool = True, progress: bool = True) -> tuple[Edit, Any]:
+    """Fit a ``k``-dimensional refusal cone from the PCA subspace (``r`` first); returns its edit and the cone."""
+    from featurelens.directions.cone import fit_cone
+
+    sinks = ds.sink_basis if protect_sinks else None
+    p = ds.positions.index(position)
+    start = refusal_subspace(lm, r, layer, position, train[0], ds.mean_b[layer, p], k, "pca", None, sinks)
+    cone = fit_cone(lm, start.float(), layer, refusal_tokens, train, val, float(r.norm()), settings, sinks,
+                    progress=progress)
+    return Edit.uniform(cone.basis, n_layers, norm_preserving, f"cone{cone.basis.shape[1]}"), cone
+
+
+__all__ = ["build_edit", "cone_edit", "offset_activations", "refusal_subspace", "top_directions"]

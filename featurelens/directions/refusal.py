@@ -91,10 +91,11 @@ class RefusalConfig:
     prompt_sets: Literal["v1", "v2"] = "v1"
     """Built-in sets to fit and test on: v1, harmful vs unrelated harmless requests; v2, harmful requests vs
     their harmless twins (same phrasing, benign object), split by topic (featurelens.directions.refusal_sets)."""
-    edit: Literal["ablation", "projected", "biprojected", "subspace", "search"] = "ablation"
+    edit: Literal["ablation", "projected", "biprojected", "subspace", "cone", "search"] = "ablation"
     """What is removed (featurelens.directions.methods): the direction (Arditi et al.); it orthogonalised
     against the harmless mean (projected abliteration); against each layer's harmless mean (biprojected);
-    a subspace of --directions directions; or the best trial of a multi-objective search over direction
+    a subspace of --directions directions; a refusal cone of --directions directions optimised from that
+    subspace (after Wollschläger et al. 2025; featurelens.directions.cone); or the best trial of a multi-objective search over direction
     layer, position, projection and per-layer weights on validation prompts (featurelens.directions.search;
     replaces the refinement)."""
     search_trials: int = 30
@@ -335,8 +336,21 @@ def _run_refusal(cfg: RefusalConfig, lm: LoadedModel | None, progress: bool) -> 
     from featurelens.directions.refusal_sets import harmful_categories
     from featurelens.models.sites import SiteMap
 
+    cone_info: dict[str, Any] = {}
     if searched:
         edit = dataclasses.replace(search_edit, norm_preserving=cfg.norm_preserving)
+    elif cfg.edit == "cone":
+        from featurelens.directions.methods import cone_edit
+
+        edit, cone = cone_edit(lm, ds, r, best.layer, best.position, SiteMap(lm.model).n_layers, ref_tokens,
+                               (sets["harmful"]["train"], sets["harmless"]["train"]),
+                               (sets["harmful"]["val"], sets["harmless"]["val"]), cfg.directions,
+                               RefineSettings(steps=max(cfg.refine_steps, 10), lr=cfg.refine_lr,
+                                              kl_weight=cfg.refine_kl_weight, induce_weight=cfg.refine_induce_weight,
+                                              batch_size=cfg.batch_size),
+                               cfg.norm_preserving, cfg.protect_sinks, progress)
+        cone_info = {"k": int(cone.basis.shape[1]), "best_step": cone.best_step, "val_start": cone.val_start,
+                     "val_best": cone.val_best, "val_samples": [asdict(o) for o in cone.val_samples]}
     else:
         edit = build_edit(cfg.edit, lm, ds, r, best.layer, best.position, SiteMap(lm.model).n_layers,
                           cfg.norm_preserving, cfg.protect_sinks, sets["harmful"]["train"], cfg.directions,
@@ -374,7 +388,7 @@ def _run_refusal(cfg: RefusalConfig, lm: LoadedModel | None, progress: bool) -> 
         "model": lm.name, "layer": best.layer, "position": best.position, "refusal_tokens": ref_tokens,
         "selection_relaxed": relaxed,
         "method": cfg.method, "edit": edit.name + ("+norm" if cfg.norm_preserving and "+norm" not in edit.name else ""),
-        "edit_rank": edit.rank, "prompt_sets": cfg.prompt_sets, "behaviour": behaviour or None, "search": searched or None,
+        "edit_rank": edit.rank, "prompt_sets": cfg.prompt_sets, "behaviour": behaviour or None, "search": searched or None, "cone": cone_info or None,
         "sink_dims_protected": int(ds.sink_basis.shape[0]) if cfg.protect_sinks and ds.sink_basis is not None else 0,
         "best_candidate": asdict(best), "refined": refined or None,
         "refusal_before": rate([is_refusal(c) for c in comp_h_before]),

@@ -222,7 +222,7 @@ def test_run_refusal_end_to_end_on_a_tiny_model(tmp_path: Path, monkeypatch: pyt
     assert "Refinement" in (tmp_path / "out" / "report.html").read_text()
 
 
-@pytest.mark.parametrize("edit,norm", [("subspace", True), ("biprojected", False), ("search", False)])
+@pytest.mark.parametrize("edit,norm", [("subspace", True), ("biprojected", False), ("search", False), ("cone", False)])
 def test_run_refusal_with_a_new_edit_exports_what_the_hooks_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 edit: str, norm: bool) -> None:
     """--edit subspace / biprojected (--norm-preserving): the report names the edit, the behaviour sets and
@@ -242,7 +242,9 @@ def test_run_refusal_with_a_new_edit_exports_what_the_hooks_do(tmp_path: Path, m
                         search_sampler="random", search_capability=False)  # type: ignore[arg-type]
     m = refusal.run_refusal(cfg, lm=lm, progress=False).metrics
     assert m["edit"].startswith(edit[:8]) and m["edit"].endswith("+norm") == norm
-    assert m["edit_rank"] == (3 if edit == "subspace" else 1)
+    assert m["edit_rank"] == (3 if edit in ("subspace", "cone") else 1)
+    if edit == "cone":
+        assert m["cone"]["k"] == 3 and m["cone"]["val_best"] <= m["cone"]["val_start"]
     if edit == "search":  # the chosen trial is on the front, and its direction is what was saved
         assert m["search"]["chosen"] in m["search"]["front"] and len(m["search"]["trials"]) == 2
         vec, _ = refusal.load_direction(tmp_path / "out" / "direction.safetensors")
