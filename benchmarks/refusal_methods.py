@@ -59,6 +59,9 @@ def main() -> None:
     ap.add_argument("--refine-steps", type=int, default=80)
     ap.add_argument("--limit", type=int, default=0, help="prompts per behaviour set (0: every test prompt)")
     ap.add_argument("--out", default="runs/bench/refusal-methods")
+    ap.add_argument("--cone", type=int, nargs="*", default=[2], help="refusal cone dimensions to fit (none: skip)")
+    ap.add_argument("--search-trials", type=int, default=20, help="trials of the edit search (0: skip)")
+    ap.add_argument("--search-sampler", default="tpe", choices=("tpe", "random"))
     a = ap.parse_args()
     t0 = time.perf_counter()
     path = refusal_organism(OrganismConfig(data=a.data))
@@ -77,11 +80,41 @@ def main() -> None:
     base = m["behaviour"]["before"]
     n_layers = SiteMap(lm.model).n_layers
     rows: dict[str, Any] = {}
-    for edit_name, norm, k in METHODS:
+    extra: dict[str, Any] = {}
+
+    def edits() -> Any:
+        """(label, edit) for every method; the cone and the search are fitted here, on training and
+        validation prompts only."""
+        for edit_name, norm, k in METHODS:
+            e = build_edit(edit_name, lm, ds, r, res.layer, res.position, n_layers, norm, True, sets["harmful"]["train"],
+                           k, "pca", harmful_categories(sets["harmful"]["train"]))
+            yield e.name + ("+norm" if norm and "+norm" not in e.name else ""), e
+        train = (sets["harmful"]["train"], sets["twins"]["train"])
+        val = (sets["harmful"]["val"][:24], sets["twins"]["val"][:24])
+        if a.cone:
+            from featurelens.directions.methods import cone_edit
+            from featurelens.directions.refine import RefineSettings
+            from featurelens.directions.refusal import learn_refusal_tokens
+
+            tokens = m["refusal_tokens"] or learn_refusal_tokens(lm, train[0][:48], train[1][:48])
+            for k in a.cone:
+                e, cone = cone_edit(lm, ds, r, res.layer, res.position, n_layers, tokens, train, val, k,
+                                    RefineSettings(steps=40, batch_size=16))
+                extra[f"cone{k}"] = {"best_step": cone.best_step, "val_start": round(cone.val_start, 4),
+                                     "val_best": round(cone.val_best, 4)}
+                yield e.name, e
+        if a.search_trials > 0:
+            from featurelens.directions.search import edit_for, search
+
+            sr = search(lm, ds, val[0], val[1], a.search_trials, a.search_sampler)
+            chosen = next(t for t in sr.trials if t.number == sr.chosen)
+            extra["search"] = {"chosen": sr.chosen, "params": chosen.params, "front": len(sr.front),
+                               "val_refusals": chosen.refusals, "val_kl": round(chosen.kl, 4),
+                               "baseline_val_refusals": sr.baseline.refusals, "n_val": chosen.n}
+            yield "search", edit_for(ds, chosen.params, n_layers)
+
+    for label, edit in edits():
         t = time.perf_counter()
-        edit = build_edit(edit_name, lm, ds, r, res.layer, res.position, n_layers, norm, True, sets["harmful"]["train"], k,
-                          "pca", harmful_categories(sets["harmful"]["train"]))
-        label = edit.name + ("+norm" if norm and "+norm" not in edit.name else "")
         with edit_hooks(lm.model, edit):
             b = behaviour(lm, limit=a.limit, progress=True, label=label)
             hooked = last_logits(lm, twins)
@@ -107,7 +140,7 @@ def main() -> None:
         "before": _row(base, base), "layer": res.layer, "position": res.position,
         "pipeline": {"refusal_after_v2_harmful_test": m["refusal_after"]["rate"], "kl_twins": round(m["kl_harmless"], 5),
                      "export_max_logit_diff": m.get("export_max_logit_diff"), "seconds": round(t_pipe, 1)},
-        "methods": rows, "directions_needed": needed, "best": best[0],
+        "methods": rows, "fits": extra, "directions_needed": needed, "best": best[0],
         "targets": {"harmful<=5%_at_kl<=0.1": any(v["harmful_refusal"] <= 0.05 and v["kl_twins"] <= 0.1 for v in rows.values()),
                     "twins_not_above_organism": all(v["twins_refusal"] <= _row(base, base)["twins_refusal"] for v in rows.values()),
                     "capability_within_1pt": all(abs(v["capability_change_points"]) <= 1 for v in rows.values()),
