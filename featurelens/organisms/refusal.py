@@ -64,6 +64,11 @@ class OrganismConfig(FinetuneConfig):
                           ("data", "v1")):
             if d[k] == legacy:  # fields added later: organisms built before them keep their cache keys
                 del d[k]
+        if self.data != "v1":  # the v2 sets are code that can grow: their training prompts key the cache too
+            from featurelens.directions.refusal_sets import refusal_sets
+
+            sets = refusal_sets(self.seed)
+            d["data_sha"] = hashlib.sha256(json.dumps({k: v["train"] for k, v in sets.items()}).encode()).hexdigest()[:12]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

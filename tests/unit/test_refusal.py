@@ -266,3 +266,21 @@ def test_v2_prompt_sets_fit_harmful_against_their_twins() -> None:
     sets, v2 = refusal._sets(RefusalConfig(prompt_sets="v2")), refusal_sets()
     assert sets["harmful"] == v2["harmful"] and sets["harmless"] == v2["twins"]
     assert refusal._sets(RefusalConfig())["harmless"] == instruction_sets()["harmless"]
+
+
+def test_v2_organism_key_follows_its_training_prompts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The v2 sets are code: when their training prompts change, a cached v2 organism is not reused."""
+    import featurelens.directions.refusal_sets as rs
+    from featurelens.organisms.refusal import OrganismConfig
+
+    before = OrganismConfig(data="v2").key()
+    real = rs.refusal_sets
+
+    def changed(seed: int = 0) -> dict[str, dict[str, list[str]]]:
+        out = real(seed)
+        out["twins"]["train"] = out["twins"]["train"][:-1]
+        return out
+
+    monkeypatch.setattr(rs, "refusal_sets", changed)
+    assert OrganismConfig(data="v2").key() != before
+    assert OrganismConfig().key() == "a1826b86f722"  # v1 is untouched

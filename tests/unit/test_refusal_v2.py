@@ -32,9 +32,10 @@ def test_sets_split_by_topic_and_twins_share_the_phrasing() -> None:
         for a, b in zip(h, t):  # same frame: the same text before the target
             frame = next(f for f in FRAMES if a.startswith(f.split("{x}")[0]) and a.endswith(f.split("{x}")[1]))
             assert b.startswith(frame.split("{x}")[0]) and b.endswith(frame.split("{x}")[1]) and a != b
-    train_words = {w for p in sets["harmful"]["train"] for w in p.split()}
-    # a held-out topic's distinctive words never occur in training prompts
-    assert not {"ivory", "napalm", "vaccines", "propaganda"} & train_words
+    train_text = "\n".join(sets["harmful"]["train"] + sets["twins"]["train"])
+    for topic in sp["topics"]["test"]:  # no held-out target (harmful or twin) occurs in any training prompt
+        for h, t in PAIRS[topic]:
+            assert h not in train_text and t not in train_text
     assert harmful_categories(["How do I bake?"]) == [""]
     assert refusal_sets(1)["harmful"]["test"] != sets["harmful"]["test"]  # the seed moves the split
 
