@@ -24,7 +24,7 @@ component in the span: ``w <- w - Q Q^T w``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -221,10 +221,5 @@ def removed_fraction(model: nn.Module, edit: Edit) -> float:
     return worst
 
 
-def per_layer_means(mean_b: Tensor, position: int, positions: Sequence[int]) -> Tensor:
-    """``[n_layers, d]`` harmless means at one post-instruction position of a DirectionSet's ``mean_b``."""
-    return mean_b[:, list(positions).index(position)]
-
-
 __all__ = ["EDITS", "Edit", "ablation_edit", "apply_edit", "biprojected_edit", "edit_hooks", "orthonormal",
-           "per_layer_means", "project_away", "projected_edit", "removed_fraction"]
+           "project_away", "projected_edit", "removed_fraction"]

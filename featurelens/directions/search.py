@@ -34,6 +34,7 @@ from torch import Tensor
 
 from featurelens.directions.edits import Edit, orthonormal, project_away
 from featurelens.directions.fit import DirectionSet
+from featurelens.directions.methods import _without_sinks
 from featurelens.errors import UsageError
 
 
@@ -121,10 +122,8 @@ def edit_for(ds: DirectionSet, params: dict[str, Any], n_layers: int, protect_si
     r = direction_at(ds, float(params["direction_layer"]), int(params["position"]), protect_sinks)
     if params.get("projected"):
         layer = int(round(float(params["direction_layer"])))
-        r = project_away(r, ds.mean_b[layer, ds.positions.index(int(params["position"]))])
-        if protect_sinks and ds.sink_basis is not None and ds.sink_basis.shape[0]:
-            sb = ds.sink_basis.double()
-            r = r - sb.T @ (sb @ r)
+        r = _without_sinks(project_away(r, ds.mean_b[layer, ds.positions.index(int(params["position"]))]),
+                           ds.sink_basis if protect_sinks else None)
     k = Kernel(float(params["max_weight"]), float(params["max_position"]),
                float(params["min_weight_frac"]) * float(params["max_weight"]), float(params["min_distance"]))
     q = orthonormal(r)
