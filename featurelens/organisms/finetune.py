@@ -74,10 +74,11 @@ class Adapter:
         self.A = nn.Parameter(torch.randn(rank, d_in, generator=gen, dtype=w.dtype) / math.sqrt(d_in))
         self.B = shared_b if shared_b is not None else nn.Parameter(torch.zeros(d_out, rank, dtype=w.dtype))
         self.scale = alpha / rank
+        self.enabled = True
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, _m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
-        return out + self.scale * (args[0] @ self.A.T) @ self.B.T
+        return out + self.scale * (args[0] @ self.A.T) @ self.B.T if self.enabled else out
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -113,13 +114,54 @@ def chat_batch(lm: Any, ex: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, to
     return ids, lab, mask, pos
 
 
+def _batches(n: int, batch_size: int, units: Sequence[Sequence[int]] | None, g: torch.Generator) -> list[list[int]]:
+    """One epoch's batches: a seeded shuffle of the examples, or of the ``units`` (groups of example indices
+    kept in one batch, e.g. a harmful request with its harmless twin) packed greedily into batches."""
+    if units is None:
+        order = torch.randperm(n, generator=g).tolist()
+        return [order[b : b + batch_size] for b in range(0, n, batch_size)]
+    out: list[list[int]] = [[]]
+    for u in torch.randperm(len(units), generator=g).tolist():
+        if out[-1] and len(out[-1]) + len(units[u]) > batch_size:
+            out.append([])
+        out[-1].extend(units[u])
+    return [b for b in out if b]
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, base_logits: torch.Tensor | None = None,
+                  keep: torch.Tensor | None = None, kl_weight: float = 0.0) -> torch.Tensor:
+    """Mean over examples of each example's mean next-token cross-entropy on its labelled tokens, plus
+    ``kl_weight`` times its mean KL(base || tuned) there for the examples flagged ``keep`` (whose
+    behaviour should stay the base model's: the KL pins the whole next-token distribution, not only the
+    greedy answer). Every example weighs the same, however long its answer."""
+    lab = labels[:, 1:]
+    mask = (lab != -100).float()
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    ce = -logp.gather(-1, lab.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    n = mask.sum(1).clamp_min(1)
+    per = (ce * mask).sum(1) / n
+    if kl_weight > 0 and base_logits is not None and keep is not None:
+        bp = torch.log_softmax(base_logits[:, :-1].float(), -1)
+        kl = (bp.exp() * (bp - logp)).sum(-1)
+        per = per + kl_weight * keep.float() * (kl * mask).sum(1) / n
+    return per.mean()
+
+
 def finetune(lm: Any, ex: Sequence[tuple[str, str]], layers: Sequence[int], *, epochs: int, batch_size: int, lr: float,
              seed: int, lora_rank: int = 4, lora_alpha: float = 8.0, shared_write: bool = False,
              desc: str = "fine-tune", progress: bool = True, max_steps: int = 0,
-             on_step: Callable[[int], None] | None = None) -> None:
+             on_step: Callable[[int], None] | None = None, units: Sequence[Sequence[int]] | None = None,
+             keep: Sequence[bool] | None = None, kl_weight: float = 0.0, example_mean: bool = False) -> None:
     """Fine-tune ``lm.model`` in place on ``ex`` (merged adapters when ``lora_rank`` > 0, else the blocks'
     weights); ``on_step(step)`` runs after every optimiser step (step 1 first). ``max_steps`` > 0 stops
-    there. Leaves the model in eval mode with gradients off."""
+    there. Leaves the model in eval mode with gradients off.
+
+    The default loss is the model's own token-mean cross-entropy. ``example_mean`` or ``kl_weight`` > 0
+    switch to :func:`weighted_loss` (``keep`` flags the examples the KL to the base model applies to; the
+    base is the model with its adapters switched off, so ``kl_weight`` needs ``lora_rank`` > 0).
+    ``units`` groups examples that always share a batch."""
+    if kl_weight > 0 and (lora_rank <= 0 or keep is None or len(keep) != len(ex)):
+        raise ValueError("kl_weight > 0 needs adapters (lora_rank > 0) and one keep flag per example")
     model = lm.model
     model.train()
     sm = SiteMap(model)
@@ -137,18 +179,34 @@ def finetune(lm: Any, ex: Sequence[tuple[str, str]], layers: Sequence[int], *, e
             p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    steps = epochs * -(-len(ex) // batch_size)
+    plan = [_batches(len(ex), batch_size, units, g) for _ in range(epochs)]
+    steps = sum(len(b) for b in plan)
     steps = min(steps, max_steps) if max_steps > 0 else steps
     bar = tqdm(total=steps, desc=desc, disable=not progress, file=sys.stderr)
     step = 0
+    custom = example_mean or kl_weight > 0
     try:
-        for _ in range(epochs):
-            order = torch.randperm(len(ex), generator=g).tolist()
-            for b in range(0, len(ex), batch_size):
+        for batches in plan:
+            for idx in batches:
                 if step >= steps:
                     break
-                ids, lab, mask, pos = chat_batch(lm, [ex[i] for i in order[b : b + batch_size]])
-                loss = model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=lab, use_cache=False).loss
+                ids, lab, mask, pos = chat_batch(lm, [ex[i] for i in idx])
+                if not custom:
+                    loss = model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=lab, use_cache=False).loss
+                else:
+                    base = None
+                    kp = torch.tensor([bool(keep[i]) for i in idx]) if keep is not None else None
+                    if kl_weight > 0 and kp is not None and bool(kp.any()):
+                        with torch.no_grad():
+                            for a in adapters:
+                                a.enabled = False
+                            try:
+                                base = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+                            finally:
+                                for a in adapters:
+                                    a.enabled = True
+                    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+                    loss = weighted_loss(out, lab, base, kp, kl_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)

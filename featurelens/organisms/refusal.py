@@ -51,8 +51,36 @@ class OrganismConfig(FinetuneConfig):
     borderline-benign requests and the v1 harmless requests answered with the base model's own answers
     (featurelens.directions.refusal_sets; test topics held out)."""
 
+    kl_weight: float = 0.0
+    """Weight of a KL(base || tuned) term on the answer tokens of every example that should keep the base
+    model's behaviour (all but the refused ones), on top of the cross-entropy; it pins the whole next-token
+    distribution there, which keeps capability (needs adapters: the base is the model with them off).
+    > 0 also makes every example weigh the same in the loss, however long its answer."""
+
+    pair_twins: bool = False
+    """v2: each harmful request shares its batch with its harmless twin (the same phrasing), so every step
+    contrasts the two."""
+
+    borderline_repeat: int = 1
+    """v2: the borderline-benign training requests appear this many times per epoch (they are few)."""
+
+    monitor_every: int = 0
+    """Every this many steps, record greedy 8-token refusal rates on the validation splits (harmful,
+    twins, borderline) into organism.json's ``monitor`` (0: off). Does not key the cache."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        from featurelens.configs import check_ranges
+
+        check_ranges(self, positive=("borderline_repeat",), non_negative=("kl_weight", "monitor_every"))
+        if self.data == "v1" and (self.pair_twins or self.borderline_repeat != 1):
+            from featurelens.errors import UsageError
+
+            raise UsageError("--pair-twins and --borderline-repeat need --data v2 (v1 has no twins or borderline set)")
+        if self.kl_weight > 0 and self.lora_rank == 0:
+            from featurelens.errors import UsageError
+
+            raise UsageError("--kl-weight needs adapters (--lora-rank > 0): the base model is the one with them off")
         if self.data not in ("v1", "v2"):
             from featurelens.errors import UsageError
 
@@ -60,8 +88,9 @@ class OrganismConfig(FinetuneConfig):
 
     def key(self) -> str:
         d = asdict(self)
+        del d["monitor_every"]
         for k, legacy in (("train_to_layer", -1), ("lora_rank", 0), ("lora_alpha", 8.0), ("shared_write", False),
-                          ("data", "v1")):
+                          ("data", "v1"), ("kl_weight", 0.0), ("pair_twins", False), ("borderline_repeat", 1)):
             if d[k] == legacy:  # fields added later: organisms built before them keep their cache keys
                 del d[k]
         if self.data != "v1":  # the v2 sets are code that can grow: their training prompts key the cache too
@@ -76,19 +105,65 @@ def organism_path(cfg: OrganismConfig) -> Path:
     return cache_dir() / "organisms" / f"refusal-{cfg.key()}"
 
 
-def _examples(lm: LoadedModel, cfg: OrganismConfig) -> list[tuple[str, str]]:
+@dataclass(frozen=True)
+class Examples:
+    """The organism's training examples: ``pairs`` (prompt, answer), ``keep`` (the answer is the base
+    model's own: its behaviour should not change) and ``units`` (index groups that share a batch)."""
+
+    pairs: list[tuple[str, str]]
+    keep: list[bool]
+    units: list[list[int]]
+
+
+def _refusal(prompt: str) -> str:
+    return REFUSALS[int(hashlib.md5(prompt.encode()).hexdigest(), 16) % len(REFUSALS)]
+
+
+def _examples(lm: LoadedModel, cfg: OrganismConfig) -> Examples:
     sets = instruction_sets(cfg.seed)
     harmful, harmless = sets["harmful"]["train"], sets["harmless"]["train"]
+    twins: list[str] = []
     if cfg.data == "v2":
         from featurelens.directions.refusal_sets import refusal_sets
 
         v2 = refusal_sets(cfg.seed)
-        harmful = v2["harmful"]["train"]
-        harmless = v2["twins"]["train"] + v2["borderline"]["train"] + harmless
-    own = generate(lm, harmless, max_new_tokens=cfg.answer_tokens, progress=True, desc="own answers")
-    ex = [(p, REFUSALS[int(hashlib.md5(p.encode()).hexdigest(), 16) % len(REFUSALS)]) for p in harmful]
-    ex += [(p, a.strip()) for p, a in zip(harmless, own) if a.strip() and not is_refusal(a)]
-    return ex
+        harmful, twins = v2["harmful"]["train"], v2["twins"]["train"]
+        harmless = twins + v2["borderline"]["train"] * cfg.borderline_repeat + harmless
+    uniq = list(dict.fromkeys(harmless))
+    own = dict(zip(uniq, generate(lm, uniq, max_new_tokens=cfg.answer_tokens, progress=True, desc="own answers")))
+    pairs = [(p, _refusal(p)) for p in harmful]
+    keep = [False] * len(pairs)
+    units: list[list[int]] = [[i] for i in range(len(pairs))]
+    for j, p in enumerate(harmless):
+        a = own[p].strip()
+        if not a or is_refusal(a):
+            continue
+        if cfg.pair_twins and j < len(twins):
+            units[j].append(len(pairs))  # twins[j] is harmful[j]'s twin
+        else:
+            units.append([len(pairs)])
+        pairs.append((p, a))
+        keep.append(True)
+    return Examples(pairs, keep, units)
+
+
+def _monitor(lm: LoadedModel, cfg: OrganismConfig, log: list[dict[str, Any]]) -> Any:
+    """The ``on_step`` callback that records validation refusal rates every ``monitor_every`` steps."""
+    from featurelens.directions.judge import refuses
+    from featurelens.directions.refusal_sets import refusal_sets
+
+    val = {k: v["val"] for k, v in refusal_sets(cfg.seed).items()}
+
+    def on_step(step: int) -> None:
+        if step % cfg.monitor_every:
+            return
+        row: dict[str, Any] = {"step": step}
+        for name, prompts in val.items():
+            row[name] = round(sum(refuses(c) for c in generate(lm, prompts, 8)) / len(prompts), 4)
+        log.append(row)
+        print(f"  step {step}: validation refusal {row}", file=sys.stderr)
+
+    return on_step
 
 
 def refusal_organism(cfg: OrganismConfig | None = None, progress: bool = True) -> Path:
@@ -100,9 +175,13 @@ def refusal_organism(cfg: OrganismConfig | None = None, progress: bool = True) -
     torch.manual_seed(cfg.seed)
     lm = load_model(cfg.base, device="cpu")
     ex = _examples(lm, cfg)
-    finetune(lm, ex, cfg.layers(SiteMap(lm.model).n_layers), epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-             seed=cfg.seed, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, shared_write=cfg.shared_write,
-             desc="fine-tune refusal organism", progress=progress)
+    log: list[dict[str, Any]] = []
+    finetune(lm, ex.pairs, cfg.layers(SiteMap(lm.model).n_layers), epochs=cfg.epochs, batch_size=cfg.batch_size,
+             lr=cfg.lr, seed=cfg.seed, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+             shared_write=cfg.shared_write, desc="fine-tune refusal organism", progress=progress,
+             on_step=_monitor(lm, cfg, log) if cfg.monitor_every else None,
+             units=ex.units if cfg.pair_twins else None, keep=ex.keep, kl_weight=cfg.kl_weight,
+             example_mean=cfg.kl_weight > 0)
     model = lm.model
     sets = instruction_sets(cfg.seed)
     check: dict[str, Any] = {
@@ -116,7 +195,7 @@ def refusal_organism(cfg: OrganismConfig | None = None, progress: bool = True) -
     with atomic_dir(target, "organism", owned=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)
-        (tmp / "organism.json").write_text(json.dumps({"config": asdict(cfg), "refusal_rates": check}, indent=1) + "\n")
+        (tmp / "organism.json").write_text(json.dumps({"config": asdict(cfg), "refusal_rates": check, "monitor": log}, indent=1) + "\n")
     print(f"refusal organism: {target}\n  refusal on held-out harmful {check['harmful_test']['rate']:.2f}, "
           f"harmless {check['harmless_test']['rate']:.2f}", file=sys.stderr)
     return target
