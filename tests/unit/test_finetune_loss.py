@@ -135,3 +135,19 @@ def test_v2_examples_pair_each_harmful_request_with_its_twin(monkeypatch: pytest
     border = sets["borderline"]["train"][0]
     assert sum(p == border for p, _ in ex.pairs) == 3
     assert refused_twin not in {p for p, _ in ex.pairs}
+
+
+def test_new_organism_fields_key_the_cache_and_check_their_input() -> None:
+    from featurelens.errors import UsageError
+    from featurelens.organisms.refusal import OrganismConfig
+
+    base = OrganismConfig(data="v2", epochs=2)
+    assert base.key() == "2fab629c8351"  # the second v2 organism, built before these fields, keeps its key
+    keys = {OrganismConfig(data="v2", epochs=2, **kw).key()  # type: ignore[arg-type]
+            for kw in ({"kl_weight": 1.0}, {"pair_twins": True}, {"borderline_repeat": 2})}
+    assert len(keys) == 3 and base.key() not in keys
+    assert OrganismConfig(data="v2", epochs=2, monitor_every=10).key() == base.key()  # a monitor changes no weights
+    with pytest.raises(UsageError, match="need --data v2"):
+        OrganismConfig(pair_twins=True)
+    with pytest.raises(UsageError, match="--kl-weight needs adapters"):
+        OrganismConfig(kl_weight=1.0, lora_rank=0)
