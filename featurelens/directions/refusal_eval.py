@@ -33,6 +33,20 @@ def behaviour(lm: Any, gen_tokens: int = 64, batch_size: int = 16, seed: int = 0
     return out
 
 
+def answer_fidelity(lm: Any, base: Any, prompts: list[str], tokens: int = 48, batch_size: int = 16) -> dict[str, Any]:
+    """How far a fine-tune moved the model on answers it should keep: the base model's greedy ``tokens``-token
+    answers to ``prompts``, teacher-forced, mean cross-entropy (nats/token) under ``lm`` and under ``base``;
+    ``gap`` = lm - base (0 for an unchanged model; issue 20's organism target is <= 0.05)."""
+    from featurelens.directions.completions import generate, own_completion_ce
+
+    answers = generate(base, prompts, tokens, batch_size)
+    keep = [(p, a) for p, a in zip(prompts, answers) if a.strip()]
+    ps, cs = [p for p, _ in keep], [a for _, a in keep]
+    ce_lm, ce_base = own_completion_ce(lm, ps, cs), own_completion_ce(base, ps, cs)
+    return {"ce": round(ce_lm, 5), "base_ce": round(ce_base, 5), "gap": round(ce_lm - ce_base, 5), "n": len(keep),
+            "tokens": tokens}
+
+
 def over_refusal_summary(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """The numbers a reader compares: refusal rates before and after, and the capability change (points)."""
     row: dict[str, Any] = {}
@@ -47,4 +61,4 @@ def over_refusal_summary(before: dict[str, Any], after: dict[str, Any]) -> dict[
     return row
 
 
-__all__ = ["BEHAVIOUR_SETS", "behaviour", "over_refusal_summary"]
+__all__ = ["BEHAVIOUR_SETS", "answer_fidelity", "behaviour", "over_refusal_summary"]

@@ -166,6 +166,16 @@ def _monitor(lm: LoadedModel, cfg: OrganismConfig, log: list[dict[str, Any]]) ->
     return on_step
 
 
+def _fidelity(lm: LoadedModel, cfg: OrganismConfig) -> dict[str, Any]:
+    """:func:`answer_fidelity` on the held-out harmless prompts (twins and borderline test splits)."""
+    from featurelens.directions.refusal_eval import answer_fidelity
+    from featurelens.directions.refusal_sets import refusal_sets
+
+    sets = refusal_sets(cfg.seed)
+    return answer_fidelity(lm, load_model(cfg.base, device="cpu"), sets["twins"]["test"] + sets["borderline"]["test"],
+                           cfg.answer_tokens)
+
+
 def refusal_organism(cfg: OrganismConfig | None = None, progress: bool = True) -> Path:
     """Build (or reuse from the cache) the refusal organism; returns its Hugging Face folder."""
     cfg = cfg or OrganismConfig()
@@ -192,6 +202,7 @@ def refusal_organism(cfg: OrganismConfig | None = None, progress: bool = True) -
         from featurelens.directions.refusal_eval import behaviour
 
         check["v2_test"] = behaviour(lm, gen_tokens=64, seed=cfg.seed, progress=progress, label="organism")
+        check["answer_fidelity"] = _fidelity(lm, cfg)
     with atomic_dir(target, "organism", owned=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)

@@ -98,3 +98,36 @@ def test_capability_check_counts_right_answers(tiny_llama: LoadedModel) -> None:
     out = capability_check(lm, qs)
     assert out["picks"] == [0, 1, 2] and out["accuracy"]["k"] == 2 and out["n"] == 3
     assert len(QUESTIONS) == 60 and all(0 <= a < 4 and len(set(o)) == 4 for _, o, a in QUESTIONS)
+
+
+def test_answer_fidelity_against_unpadded_hand_sums(tiny_llama: LoadedModel) -> None:
+    """The gap is the CE difference on the base model's own greedy answers: 0 for the base itself, and for a
+    changed model (lm_head doubled: a sharper softmax) the difference of hand-summed unpadded log-probs."""
+    import copy
+
+    from featurelens.directions.completions import generate
+    from featurelens.directions.prompts import format_instruction
+    from featurelens.directions.refusal_eval import answer_fidelity
+
+    prompts = ["tell me a story", "why is the sky blue?", "hi"]
+    same = answer_fidelity(tiny_llama, tiny_llama, prompts, tokens=6)
+    assert same["gap"] == 0.0 and same["n"] == 3
+    sharp = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        sharp.model.lm_head.weight.mul_(2.0)
+    got = answer_fidelity(sharp, tiny_llama, prompts, tokens=6)
+    tok = tiny_llama.tokenizer
+
+    def ce(lm: LoadedModel) -> float:
+        total, n = 0.0, 0
+        for p, a in zip(prompts, generate(tiny_llama, prompts, 6)):
+            ctx = tok(format_instruction(tok, p), add_special_tokens=False)["input_ids"]
+            ids = ctx + tok(a, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0].double(), -1)
+            total -= sum(float(logp[i - 1, ids[i]]) for i in range(len(ctx), len(ids)))
+            n += len(ids) - len(ctx)
+        return total / n
+
+    assert got["gap"] == pytest.approx(ce(sharp) - ce(tiny_llama), abs=1e-4)
+    assert abs(got["gap"]) > 1e-3
