@@ -6,11 +6,13 @@ the same shape, and the linear-probe ceiling.
 2. Harvest the residual stream after ``--layer`` (and that block's MLP neurons) at every move of fresh games
    (their own seed), aligned with the engine's board state after that move.
 3. Train every architecture at 2-3 sparsities from one in-memory stream; encode fit and test positions.
-4. Score each dictionary: L0, FVU, coverage, board reconstruction; the baselines the same way; a per-layer
+4. Score each dictionary: L0, FVU, spliced CE recovered and KL on the held-out game sequences (the
+   reconstruction replaces the residual stream at every move), coverage, board reconstruction; the baselines
+   the same way (MLP neurons; SAEs trained on a randomly initialised model of the same shape); a per-layer
    linear probe (multinomial, mine / theirs / empty per square) for the ceiling.
 5. Plot coverage and reconstruction against L0 per architecture. Last stdout line JSON.
 
-    .venv/bin/python benchmarks/boardgame.py [--quick] [--out /tmp/bench_boardgame]
+    .venv/bin/python benchmarks/boardgame.py [--quick] [--out /tmp/bench_boardgame] [--organism DIR]
 
 ``--quick`` uses a tiny organism and few games (minutes; numbers meaningless, for checking the script).
 """
@@ -83,15 +85,24 @@ def probe_accuracy(fit: torch.Tensor, fit_state: np.ndarray, test: torch.Tensor,
 
 def main() -> None:
     from featurelens.evaluation.boardgame import board_properties, board_scores
+    from featurelens.evaluation.splice import spliced_metrics
     from featurelens.models.loading import load_model
     from featurelens.organisms.othello import random_games
-    from featurelens.organisms.othello_model import EXTRA_SEED, OthelloConfig, build_model, othello_organism
+    from featurelens.organisms.othello_model import (
+        EXTRA_SEED,
+        OthelloConfig,
+        _pad,
+        build_model,
+        game_tokens,
+        othello_organism,
+    )
     from featurelens.training import SAESpec, TrainConfig
     from featurelens.training.config import SAEMeta
     from featurelens.training.trainer import train_saes
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--organism", default="", help="a built Othello organism folder (default: the default config's)")
     ap.add_argument("--out", default="/tmp/bench_boardgame")
     ap.add_argument("--layer", type=int, default=-1, help="residual layer to harvest (default: the middle block)")
     ap.add_argument("--games", type=int, default=0, help="fresh games to harvest (default 6000, quick 300)")
@@ -101,10 +112,15 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    cfg = (OthelloConfig(layers=2, d_model=64, heads=2, d_mlp=128, games=2000, eval_games=200, steps=200, batch_size=32)
-           if a.quick else OthelloConfig())
-    path = othello_organism(cfg)
-    organism = json.loads((path / "organism.json").read_text())
+    if a.organism:
+        path = Path(a.organism)
+        organism = json.loads((path / "organism.json").read_text())
+        cfg = OthelloConfig(**organism["config"])
+    else:
+        cfg = (OthelloConfig(layers=2, d_model=64, heads=2, d_mlp=128, games=2000, eval_games=200, steps=200,
+                             batch_size=32) if a.quick else OthelloConfig())
+        path = othello_organism(cfg)
+        organism = json.loads((path / "organism.json").read_text())
     lm = load_model(str(path), device="cpu")
     layer = a.layer if a.layer >= 0 else cfg.layers // 2
     site, mlp = f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.mlp.hook_post"
@@ -141,8 +157,9 @@ def main() -> None:
     saes = train_saes(specs, stream(acts["fit"][site], 0), tcfg, acts["fit"][site].shape[1], meta)
     rcfg = TrainConfig(steps=steps, batch_size=1024, out=str(out / "saes_random_model"), device="cpu",
                        log_every=max(1, steps // 10))
-    rsae = train_saes([SAESpec(arch="topk", width=width, k=16, name="topk-k16-random-model")],
-                      stream(racts["fit"], 0), rcfg, racts["fit"].shape[1], meta)[0]
+    rspecs = [SAESpec(arch="topk", width=width, k=16, name="topk-k16-random-model"),
+              SAESpec(arch="relu", width=width, sparsity_coeff=3.0, name="relu-sparsity_coeff3.0-random-model")]
+    rsaes = train_saes(rspecs, stream(racts["fit"], 0), rcfg, racts["fit"].shape[1], meta)
     t_train = time.perf_counter() - t1
 
     def score(name: str, f_fit: torch.Tensor, f_test: torch.Tensor, x_test: torch.Tensor | None = None,
@@ -156,13 +173,25 @@ def main() -> None:
             row["fvu"] = round(float((x_test - recon).pow(2).sum() / (x_test - x_test.mean(0)).pow(2).sum()), 4)
         return row
 
+    def batches() -> Any:  # held-out game sequences; BOS and padding are neither replaced nor scored
+        for b in range(0, len(test_g), 256):
+            ids = _pad([game_tokens(g) for g in test_g[b:b + 256]])
+            yield ids, ids > 1
+
+    t2 = time.perf_counter()
+    spliced = spliced_metrics(lm.model, site, saes, batches(), mean_activation=acts["fit"][site].mean(0))
+    t_splice = time.perf_counter() - t2
     rows = []
     with torch.no_grad():
-        for sae, spec, (arch, _) in zip(saes, specs, ARCHS):  # train_saes returns them in the specs' order
+        for sae, spec, (arch, _), sp in zip(saes, specs, ARCHS, spliced):  # train_saes keeps the specs' order
             f_fit, f_test = sae.encode(acts["fit"][site]), sae.encode(acts["test"][site])
-            rows.append({**score(spec.name, f_fit, f_test, acts["test"][site], sae.decode(f_test)), "arch": arch})
-        base = [score("mlp_neurons", acts["fit"][mlp].clamp_min(0), acts["test"][mlp].clamp_min(0)),
-                score("topk-k16-random-model", rsae.encode(racts["fit"]), rsae.encode(racts["test"]))]
+            rows.append({**score(spec.name, f_fit, f_test, acts["test"][site], sae.decode(f_test)), "arch": arch,
+                         "ce_recovered": round(sp["ce_loss_recovered"], 4),
+                         "ce_recovered_mean_ablation": round(sp["ce_loss_recovered_mean_ablation"], 4),
+                         "kl": round(sp["kl_div"], 4)})
+        base = [score("mlp_neurons", acts["fit"][mlp].clamp_min(0), acts["test"][mlp].clamp_min(0))]
+        base += [{**score(sp_.name, r.encode(racts["fit"]), r.encode(racts["test"]), racts["test"],
+                          r.decode(r.encode(racts["test"]))), "random_model": True} for r, sp_ in zip(rsaes, rspecs)]
     every = [f"blocks.{li}.hook_resid_post" for li in range(cfg.layers)]
     layer_acts = {k: game_acts(lm.model, g, every) for k, g in (("fit", fit_g), ("test", test_g))}
     probe = {f"layer_{li}": round(probe_accuracy(layer_acts["fit"][s], state["fit"], layer_acts["test"][s], state["test"]), 4)
@@ -188,10 +217,16 @@ def main() -> None:
               "positions": {"fit": int(props["fit"].shape[0]), "test": int(props["test"].shape[0])},
               "dictionaries": rows, "baselines": base, "probe_accuracy": probe, "plot": str(out / "boardgame.png"),
               "best": max(rows, key=lambda r: r["coverage"]),
-              "seconds": {"harvest": round(t_harvest, 1), "train": round(t_train, 1), "total": round(time.perf_counter() - t0, 1)},
+              "ce": {k: round(spliced[0][k], 4) for k in ("ce_loss_clean", "ce_loss_zero_ablation",
+                                                          "ce_loss_mean_ablation")},
+              "seconds": {"harvest": round(t_harvest, 1), "train": round(t_train, 1), "splice": round(t_splice, 1),
+                          "total": round(time.perf_counter() - t0, 1)},
               "targets": {"legality>=0.99": organism["legality"]["top1_legal"] >= 0.99,
                           "best_coverage>=0.80": max(r["coverage"] for r in rows) >= 0.80,
-                          "best_reconstruction>=0.90": max(r["reconstruction"] for r in rows) >= 0.90}}
+                          "best_reconstruction>=0.90": max(r["reconstruction"] for r in rows) >= 0.90,
+                          "every_sae_above_every_random_model_sae": all(
+                              r[k] > b[k] for r in rows for b in base if b.get("random_model")
+                              for k in ("coverage", "reconstruction"))}}
     (out / "summary.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("legality", "best", "targets")}, indent=1), file=sys.stderr)
     print(json.dumps(result))
