@@ -104,9 +104,12 @@ def test_legality_kl_to_the_random_player_against_scipy() -> None:
 
 def test_targets_key_and_errors() -> None:
     # the first organisms' keys (pinned from before the option existed) are unchanged; the new target keys anew
-    assert OthelloConfig().key() == "ce152e1d3d9d"
-    assert OthelloConfig(games=50000, eval_every=250).key() == "2b3788570497"
-    assert OthelloConfig(targets="legal").key() not in ("ce152e1d3d9d",)
+    first = dict(layers=4, games=200_000, steps=6000, targets="moves")  # the defaults before the legal target
+    assert OthelloConfig(**first).key() == "ce152e1d3d9d"
+    assert OthelloConfig(**{**first, "games": 50000}, eval_every=250).key() == "2b3788570497"
+    assert OthelloConfig(**{**first, "targets": "legal"}).key() != "ce152e1d3d9d"
+    # the default is the measured 8-block organism (README); eval_every does not key it
+    assert OthelloConfig().key() == OthelloConfig(eval_every=0).key() == "b290d2db4cb7"
     with pytest.raises(UsageError, match="--targets"):
         OthelloConfig(targets="soft")
     with pytest.raises(UsageError, match="--eval-every"):
@@ -119,7 +122,7 @@ def test_legal_target_training_records_a_curve_and_beats_the_move_target(tmp_pat
     base = dict(board=6, layers=1, d_model=32, heads=2, d_mlp=64, games=300, eval_games=40, steps=60,
                 batch_size=16, lr=3e-3, checkpoint_every=30, eval_every=30)
     soft = train_othello(OthelloConfig(**base, targets="legal"), tmp_path / "s", progress=False)
-    hard = train_othello(OthelloConfig(**base), tmp_path / "h", progress=False)
+    hard = train_othello(OthelloConfig(**base, targets="moves"), tmp_path / "h", progress=False)
     assert [c["step"] for c in soft["curve"]] == [30, 60]
     assert soft["kl_to_uniform_legal"] < hard["kl_to_uniform_legal"]
     again = train_othello(OthelloConfig(**base, targets="legal"), tmp_path / "s", progress=False)  # from step 60
