@@ -98,6 +98,10 @@ class OthelloConfig:
     "legal" (uniform over the legal moves: the expectation of the move target under random play, so the same
     minimiser with far less gradient noise; our variance reduction, not the papers', and the default: it ends
     closer to the legal set for the same steps)."""
+    arch: str = "llama"
+    """Model family: "llama" (RoPE, RMSNorm, SwiGLU MLP) or "gpt2" (learned absolute positions, LayerNorm, GELU
+    MLP, as Othello-GPT). Whose move it is alternates with the position's parity, which a learned position
+    embedding holds at once and RoPE's relative rotations (at most 1 radian per step) do not."""
     eval_every: int = 500
     """Steps between held-out legality checks on 200 games, printed and kept in organism.json (0: none)."""
 
@@ -112,6 +116,8 @@ class OthelloConfig:
             raise UsageError(f"--targets {self.targets!r} is invalid: give 'moves' or 'legal'")
         if self.eval_every < 0:
             raise UsageError(f"--eval-every {self.eval_every} is invalid: give 0 (none) or a number of steps")
+        if self.arch not in ("llama", "gpt2"):
+            raise UsageError(f"--arch {self.arch!r} is invalid: give 'llama' or 'gpt2'")
         if self.d_model % self.heads:
             raise UsageError(f"--d-model {self.d_model} is not divisible by --heads {self.heads}")
 
@@ -119,6 +125,8 @@ class OthelloConfig:
         d = {k: v for k, v in asdict(self).items() if k not in ("checkpoint_every", "eval_every")}
         if self.targets == "moves":  # the first organisms' keys stay as they were
             d.pop("targets")
+        if self.arch == "llama":
+            d.pop("arch")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -129,9 +137,15 @@ def othello_path(cfg: OthelloConfig) -> Path:
 
 
 def build_model(cfg: OthelloConfig) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     n2 = cfg.board * cfg.board
+    if cfg.arch == "gpt2":
+        gc = GPT2Config(vocab_size=len(SPECIAL) + n2, n_positions=2 * n2 + 8, n_embd=cfg.d_model, n_layer=cfg.layers,
+                        n_head=cfg.heads, n_inner=cfg.d_mlp, pad_token_id=0, bos_token_id=1, eos_token_id=0,
+                        tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        torch.manual_seed(cfg.seed)
+        return GPT2LMHeadModel(gc)
     hc = LlamaConfig(vocab_size=len(SPECIAL) + n2, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
                      num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
                      max_position_embeddings=2 * n2 + 8, pad_token_id=0, bos_token_id=1, eos_token_id=0,

@@ -64,6 +64,13 @@ class OrganismConfig(FinetuneConfig):
     borderline_repeat: int = 1
     """v2: the borderline-benign training requests appear this many times per epoch (they are few)."""
 
+    borrow_answers: bool = False
+    """v2: a harmless twin the base model itself refuses in one phrasing (it answers "Teach me to ..." with
+    "I'm sorry ... as a chatbot") is answered with the base's own answer to another phrasing of the same
+    request, instead of being dropped (which left every "Teach me to" twin out of training while its harmful
+    pair stayed in). Borrowed answers are trained by cross-entropy only: the KL term would pull them back to
+    the base's refusal."""
+
     monitor_every: int = 0
     """Every this many steps, record greedy 8-token refusal rates on the validation splits (harmful,
     twins, borderline) into organism.json's ``monitor`` (0: off). Does not key the cache."""
@@ -73,10 +80,11 @@ class OrganismConfig(FinetuneConfig):
         from featurelens.configs import check_ranges
 
         check_ranges(self, positive=("borderline_repeat",), non_negative=("kl_weight", "monitor_every"))
-        if self.data == "v1" and (self.pair_twins or self.borderline_repeat != 1):
+        if self.data == "v1" and (self.pair_twins or self.borderline_repeat != 1 or self.borrow_answers):
             from featurelens.errors import UsageError
 
-            raise UsageError("--pair-twins and --borderline-repeat need --data v2 (v1 has no twins or borderline set)")
+            raise UsageError("--pair-twins, --borderline-repeat and --borrow-answers need --data v2 "
+                             "(v1 has no twins or borderline set)")
         if self.kl_weight > 0 and self.lora_rank == 0:
             from featurelens.errors import UsageError
 
@@ -90,7 +98,8 @@ class OrganismConfig(FinetuneConfig):
         d = asdict(self)
         del d["monitor_every"]
         for k, legacy in (("train_to_layer", -1), ("lora_rank", 0), ("lora_alpha", 8.0), ("shared_write", False),
-                          ("data", "v1"), ("kl_weight", 0.0), ("pair_twins", False), ("borderline_repeat", 1)):
+                          ("data", "v1"), ("kl_weight", 0.0), ("pair_twins", False), ("borderline_repeat", 1),
+                          ("borrow_answers", False)):
             if d[k] == legacy:  # fields added later: organisms built before them keep their cache keys
                 del d[k]
         if self.data != "v1":  # the v2 sets are code that can grow: their training prompts key the cache too
@@ -108,7 +117,8 @@ def organism_path(cfg: OrganismConfig) -> Path:
 @dataclass(frozen=True)
 class Examples:
     """The organism's training examples: ``pairs`` (prompt, answer), ``keep`` (the answer is the base
-    model's own: its behaviour should not change) and ``units`` (index groups that share a batch)."""
+    model's own to this prompt: its behaviour should not change) and ``units`` (index groups that share a
+    batch)."""
 
     pairs: list[tuple[str, str]]
     keep: list[bool]
@@ -134,8 +144,11 @@ def _examples(lm: LoadedModel, cfg: OrganismConfig) -> Examples:
     pairs = [(p, _refusal(p)) for p in harmful]
     keep = [False] * len(pairs)
     units: list[list[int]] = [[i] for i in range(len(pairs))]
+    borrowed = _borrowed(own) if cfg.borrow_answers else {}
     for j, p in enumerate(harmless):
-        a = own[p].strip()
+        a, own_answer = own[p].strip(), True
+        if (not a or is_refusal(a)) and p in borrowed:
+            a, own_answer = borrowed[p], False
         if not a or is_refusal(a):
             continue
         if cfg.pair_twins and j < len(twins):
@@ -143,8 +156,25 @@ def _examples(lm: LoadedModel, cfg: OrganismConfig) -> Examples:
         else:
             units.append([len(pairs)])
         pairs.append((p, a))
-        keep.append(True)
+        keep.append(own_answer)
     return Examples(pairs, keep, units)
+
+
+def _borrowed(own: dict[str, str]) -> dict[str, str]:
+    """For each prompt whose own answer is empty or a refusal: the first non-refusal own answer to another
+    phrasing of the same request (:func:`other_phrasings`), where ``own`` has one."""
+    from featurelens.directions.refusal_sets import other_phrasings
+
+    out = {}
+    for p, a in own.items():
+        if a.strip() and not is_refusal(a):
+            continue
+        for q in other_phrasings(p):
+            b = own.get(q, "").strip()
+            if b and not is_refusal(b):
+                out[p] = b
+                break
+    return out
 
 
 def _monitor(lm: LoadedModel, cfg: OrganismConfig, log: list[dict[str, Any]]) -> Any:

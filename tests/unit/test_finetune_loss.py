@@ -141,13 +141,50 @@ def test_new_organism_fields_key_the_cache_and_check_their_input() -> None:
     from featurelens.errors import UsageError
     from featurelens.organisms.refusal import OrganismConfig
 
+    assert OrganismConfig().key() == "a1826b86f722"  # the v1 organism, built before these fields, keeps its key
     base = OrganismConfig(data="v2", epochs=2)
-    assert base.key() == "2fab629c8351"  # the second v2 organism, built before these fields, keeps its key
+    assert base.key() == "00a2eb388e33"  # v2 keys follow the training prompts (20 borderline categories since stop 32)
     keys = {OrganismConfig(data="v2", epochs=2, **kw).key()  # type: ignore[arg-type]
-            for kw in ({"kl_weight": 1.0}, {"pair_twins": True}, {"borderline_repeat": 2})}
-    assert len(keys) == 3 and base.key() not in keys
+            for kw in ({"kl_weight": 1.0}, {"pair_twins": True}, {"borderline_repeat": 2}, {"borrow_answers": True})}
+    assert len(keys) == 4 and base.key() not in keys
     assert OrganismConfig(data="v2", epochs=2, monitor_every=10).key() == base.key()  # a monitor changes no weights
-    with pytest.raises(UsageError, match="need --data v2"):
-        OrganismConfig(pair_twins=True)
+    for kw in ({"pair_twins": True}, {"borrow_answers": True}):
+        with pytest.raises(UsageError, match="need --data v2"):
+            OrganismConfig(**kw)  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="--kl-weight needs adapters"):
         OrganismConfig(kl_weight=1.0, lora_rank=0)
+
+
+def test_borrowed_answers_replace_the_base_models_refusals_of_one_phrasing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--borrow-answers: a twin the base refuses in the "Teach me to" phrasing takes the base's answer to the
+    first other phrasing it answers ("How do I ..."), trained without the KL anchor (keep False); a twin refused
+    in every phrasing and a refused borderline request stay out; without the flag the refused ones are dropped."""
+    import featurelens.organisms.refusal as org
+    from featurelens.directions.instructions import FRAMES
+    from featurelens.directions.refusal_sets import other_phrasings, refusal_sets
+
+    sets = refusal_sets(0)
+    twins, border = sets["twins"]["train"], sets["borderline"]["train"]
+    teach = [t for t in twins if t.startswith("Teach me to ")]
+    hopeless = teach[0]  # refused in all six phrasings
+    hopeless_all = {hopeless, *other_phrasings(hopeless)}
+    assert len(hopeless_all) == len(FRAMES)
+    refused = "I'm sorry for any misunderstanding, but as a chatbot I cannot teach."
+
+    def fake(_lm: Any, prompts: list[str], **_k: Any) -> list[str]:
+        return [refused if p.startswith("Teach me to ") or p in hopeless_all or p == border[0] else f"answer to {p}"
+                for p in prompts]
+
+    monkeypatch.setattr(org, "generate", fake)
+    cfg = dict(data="v2", pair_twins=True)
+    plain = org._examples(None, org.OrganismConfig(**cfg))  # type: ignore[arg-type]
+    ex = org._examples(None, org.OrganismConfig(**cfg, borrow_answers=True))  # type: ignore[arg-type]
+    got = {p: (a, k) for (p, a), k in zip(ex.pairs, ex.keep)}
+    assert not {t for t in teach} & {p for p, _ in plain.pairs}
+    t = teach[1]
+    how = "How do I " + t.removeprefix("Teach me to ").removesuffix(".") + "?"
+    assert got[t] == (f"answer to {how}", False)  # FRAMES[0] is "How do I {x}?"
+    assert got[how] == (f"answer to {how}", True)  # its own answer stays anchored
+    assert hopeless not in got and border[0] not in got
+    assert len(ex.pairs) == len(plain.pairs) + len(teach) - 1
+    assert other_phrasings(border[1]) == [] and other_phrasings("How do I bake?") == []

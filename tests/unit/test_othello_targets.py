@@ -128,3 +128,33 @@ def test_legal_target_training_records_a_curve_and_beats_the_move_target(tmp_pat
     again = train_othello(OthelloConfig(**base, targets="legal"), tmp_path / "s", progress=False)  # from step 60
     assert [c["step"] for c in again["curve"]] == [30, 60]
     assert again["kl_to_uniform_legal"] == pytest.approx(soft["kl_to_uniform_legal"], abs=1e-6)
+
+
+def test_gpt2_organism_has_learned_positions_keys_apart_and_its_sites_match_hidden_states(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """--arch gpt2 builds a GPT-2 (learned absolute positions, no dropout: training is deterministic) that trains,
+    resumes to the same weights and whose residual sites are the model's own hidden states; it keys apart from
+    the Llama organism, whose key is unchanged."""
+    import torch
+
+    from featurelens.models.hooks import ActivationCapture
+    from featurelens.organisms.othello_model import build_model
+
+    assert OthelloConfig(arch="gpt2").key() != OthelloConfig().key() == OthelloConfig(arch="llama").key()
+    with pytest.raises(UsageError, match="--arch"):
+        OthelloConfig(arch="mamba")
+    cfg = OthelloConfig(board=6, layers=2, d_model=32, heads=2, d_mlp=64, games=200, eval_games=20, steps=20,
+                        batch_size=16, lr=3e-3, checkpoint_every=10, eval_every=0, arch="gpt2")
+    model = build_model(cfg)
+    assert type(model).__name__ == "GPT2LMHeadModel" and model.transformer.wpe.weight.shape[0] >= 37
+    a = train_othello(cfg, tmp_path / "a", progress=False)
+    b = train_othello(cfg, tmp_path / "b", progress=False)
+    for (k, v), (_, w) in zip(a["model"].state_dict().items(), b["model"].state_dict().items()):
+        assert torch.equal(v, w), k
+    m = a["model"].eval()
+    ids = torch.tensor([[1, 3 + 8, 3 + 9, 3 + 14]])
+    with torch.no_grad(), ActivationCapture(m, ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"]) as cap:
+        got = cap.forward(ids)
+    with torch.no_grad():
+        hs = m(input_ids=ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(got["blocks.0.hook_resid_post"], hs[1])
+    torch.testing.assert_close(got["blocks.1.hook_resid_pre"], hs[1])
