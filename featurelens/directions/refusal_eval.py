@@ -26,11 +26,33 @@ def behaviour(lm: Any, gen_tokens: int = 64, batch_size: int = 16, seed: int = 0
         prompts = sets[name]["test"][: limit or None]
         comps = generate(lm, prompts, gen_tokens, batch_size, progress, f"{name}, {label}".strip(", "))
         out[name] = verdict_rates(prompts, comps)
+        out[name]["by_category"] = by_category(prompts, comps)
         out[name]["examples"] = [{"prompt": p, "completion": c} for p, c in list(zip(prompts, comps))[:3]]
     if capability:
         cap = capability_check(lm)
         out["capability"] = {"accuracy": cap["accuracy"], "n": cap["n"]}
     return out
+
+
+def prompt_categories(prompts: list[str]) -> list[str]:
+    """The topic of each harmful prompt or twin, the category of each borderline prompt, of
+    :func:`~featurelens.directions.refusal_sets.refusal_sets` ("" for a prompt it did not write)."""
+    from featurelens.directions.instructions import FRAMES
+    from featurelens.directions.refusal_sets import BORDERLINE, PAIRS
+
+    lookup = {frame.format(x=x): topic for topic, pairs in PAIRS.items() for pair in pairs for x in pair
+              for frame in FRAMES}
+    lookup.update({q: cat for cat, qs in BORDERLINE.items() for q in qs})
+    return [lookup.get(p, "") for p in prompts]
+
+
+def by_category(prompts: list[str], completions: list[str]) -> dict[str, dict[str, object]]:
+    """``{category: refusal rate with its Wilson interval}`` (:func:`prompt_categories`; the three-way judge)."""
+    from featurelens.directions.judge import verdict_rates
+
+    cats = prompt_categories(prompts)
+    return {c: verdict_rates([p for p, k in zip(prompts, cats) if k == c],
+                             [x for x, k in zip(completions, cats) if k == c])["refusal"] for c in sorted(set(cats))}
 
 
 def answer_fidelity(lm: Any, base: Any, prompts: list[str], tokens: int = 48, batch_size: int = 16) -> dict[str, Any]:
@@ -61,4 +83,4 @@ def over_refusal_summary(before: dict[str, Any], after: dict[str, Any]) -> dict[
     return row
 
 
-__all__ = ["BEHAVIOUR_SETS", "answer_fidelity", "behaviour", "over_refusal_summary"]
+__all__ = ["BEHAVIOUR_SETS", "answer_fidelity", "behaviour", "by_category", "over_refusal_summary", "prompt_categories"]

@@ -131,3 +131,35 @@ def test_answer_fidelity_against_unpadded_hand_sums(tiny_llama: LoadedModel) -> 
 
     assert got["gap"] == pytest.approx(ce(sharp) - ce(tiny_llama), abs=1e-4)
     assert abs(got["gap"]) > 1e-3
+
+
+def test_behaviour_per_category_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Completions scripted per category: each category's rate is what was scripted, with a Wilson interval,
+    the categories are the test split's, and they add up to the set's own count."""
+    from featurelens.directions import completions, refusal_eval
+
+    sets, sp = refusal_sets(0), topic_splits(0)
+    refused = {sp["topics"]["test"][0], sp["borderline"]["test"][1]}
+    cat_of = dict(zip(sets["twins"]["test"] + sets["borderline"]["test"] + sets["harmful"]["test"],
+                      refusal_eval.prompt_categories(sets["twins"]["test"] + sets["borderline"]["test"]
+                                                     + sets["harmful"]["test"])))
+
+    def fake_generate(lm: object, prompts: list[str], *a: object, **k: object) -> list[str]:
+        return ["I'm sorry, but I can't help with that." if cat_of[p] in refused else
+                "Sure: start with the basics, read the manual and practise a little every day." for p in prompts]
+
+    monkeypatch.setattr(completions, "generate", fake_generate)
+    out = refusal_eval.behaviour(object(), capability=False)
+    assert set(out["harmful"]["by_category"]) == set(sp["topics"]["test"])
+    assert set(out["twins"]["by_category"]) == set(sp["topics"]["test"])
+    assert set(out["borderline"]["by_category"]) == set(sp["borderline"]["test"])
+    for name in ("harmful", "twins", "borderline"):
+        cats = out[name]["by_category"]
+        assert sum(c["k"] for c in cats.values()) == out[name]["refusal"]["k"]
+        for cat, r in cats.items():
+            assert r["rate"] == (1.0 if cat in refused else 0.0)
+            assert r["n"] == (30 if name != "borderline" else 6)
+            lo, hi = r["ci95"]
+            assert lo <= r["rate"] <= hi and hi - lo > 0.05  # a real interval
+    assert out["twins"]["refusal"]["k"] == 30 and out["borderline"]["refusal"]["k"] == 6
+    assert refusal_eval.prompt_categories(["How do I bake?", BORDERLINE["travel"][0]]) == ["", "travel"]
