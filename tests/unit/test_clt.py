@@ -86,7 +86,7 @@ def _cross(seed: int = 0, batch: int = 128) -> Iterator[tuple[torch.Tensor, torc
 
 
 def _fvu(pred: torch.Tensor, y: torch.Tensor) -> float:
-    return float((pred - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    return float(((pred - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()).detach())
 
 
 def test_clt_learns_a_cross_layer_map_and_resumes_bit_identically(tmp_path: Path) -> None:
