@@ -34,21 +34,11 @@ def behaviour(lm: Any, gen_tokens: int = 64, batch_size: int = 16, seed: int = 0
     return out
 
 
-def prompt_categories(prompts: list[str]) -> list[str]:
-    """The topic of each harmful prompt or twin, the category of each borderline prompt, of
-    :func:`~featurelens.directions.refusal_sets.refusal_sets` ("" for a prompt it did not write)."""
-    from featurelens.directions.instructions import FRAMES
-    from featurelens.directions.refusal_sets import BORDERLINE, PAIRS
-
-    lookup = {frame.format(x=x): topic for topic, pairs in PAIRS.items() for pair in pairs for x in pair
-              for frame in FRAMES}
-    lookup.update({q: cat for cat, qs in BORDERLINE.items() for q in qs})
-    return [lookup.get(p, "") for p in prompts]
-
-
 def by_category(prompts: list[str], completions: list[str]) -> dict[str, dict[str, object]]:
-    """``{category: refusal rate with its Wilson interval}`` (:func:`prompt_categories`; the three-way judge)."""
+    """``{category: refusal rate with its Wilson interval}`` (categories from
+    :func:`~featurelens.directions.refusal_sets.prompt_categories`; the three-way judge)."""
     from featurelens.directions.judge import verdict_rates
+    from featurelens.directions.refusal_sets import prompt_categories
 
     cats = prompt_categories(prompts)
     return {c: verdict_rates([p for p, k in zip(prompts, cats) if k == c],
@@ -83,4 +73,4 @@ def over_refusal_summary(before: dict[str, Any], after: dict[str, Any]) -> dict[
     return row
 
 
-__all__ = ["BEHAVIOUR_SETS", "answer_fidelity", "behaviour", "by_category", "over_refusal_summary", "prompt_categories"]
+__all__ = ["BEHAVIOUR_SETS", "answer_fidelity", "behaviour", "by_category", "over_refusal_summary"]

@@ -209,6 +209,15 @@ def harmful_categories(prompts: list[str]) -> list[str]:
     return [lookup.get(p, "") for p in prompts]
 
 
+def prompt_categories(prompts: list[str]) -> list[str]:
+    """The topic of each harmful prompt or twin, the category of each borderline prompt, of
+    :func:`refusal_sets` ("" for a prompt it did not write)."""
+    lookup = {frame.format(x=x): topic for topic, pairs in PAIRS.items() for pair in pairs for x in pair
+              for frame in FRAMES}
+    lookup.update({q: cat for cat, qs in BORDERLINE.items() for q in qs})
+    return [lookup.get(p, "") for p in prompts]
+
+
 def other_phrasings(prompt: str) -> list[str]:
     """The other phrasings (:data:`FRAMES`) of the same harmful target or twin as ``prompt``, in frame order
     ([] for a prompt :func:`refusal_sets` did not write)."""
@@ -221,4 +230,5 @@ def other_phrasings(prompt: str) -> list[str]:
     return []
 
 
-__all__ = ["BORDERLINE", "PAIRS", "harmful_categories", "other_phrasings", "refusal_sets", "topic_splits"]
+__all__ = ["BORDERLINE", "PAIRS", "harmful_categories", "other_phrasings", "prompt_categories", "refusal_sets",
+           "topic_splits"]

@@ -13,6 +13,7 @@ from featurelens.directions.refusal_sets import (
     BORDERLINE,
     PAIRS,
     harmful_categories,
+    prompt_categories,
     refusal_sets,
     topic_splits,
 )
@@ -141,7 +142,7 @@ def test_behaviour_per_category_refusal(monkeypatch: pytest.MonkeyPatch) -> None
     sets, sp = refusal_sets(0), topic_splits(0)
     refused = {sp["topics"]["test"][0], sp["borderline"]["test"][1]}
     cat_of = dict(zip(sets["twins"]["test"] + sets["borderline"]["test"] + sets["harmful"]["test"],
-                      refusal_eval.prompt_categories(sets["twins"]["test"] + sets["borderline"]["test"]
+                      prompt_categories(sets["twins"]["test"] + sets["borderline"]["test"]
                                                      + sets["harmful"]["test"])))
 
     def fake_generate(lm: object, prompts: list[str], *a: object, **k: object) -> list[str]:
@@ -162,4 +163,4 @@ def test_behaviour_per_category_refusal(monkeypatch: pytest.MonkeyPatch) -> None
             lo, hi = r["ci95"]
             assert lo <= r["rate"] <= hi and hi - lo > 0.05  # a real interval
     assert out["twins"]["refusal"]["k"] == 30 and out["borderline"]["refusal"]["k"] == 6
-    assert refusal_eval.prompt_categories(["How do I bake?", BORDERLINE["travel"][0]]) == ["", "travel"]
+    assert prompt_categories(["How do I bake?", BORDERLINE["travel"][0]]) == ["", "travel"]
