@@ -137,7 +137,7 @@ def test_store_pairs_rows_of_the_same_tokens(tmp_path: Path, tiny_llama: LoadedM
     (tc,) = trainer.train(batches, progress=False)
     assert tc.cfg.hook_name == a and tc.cfg.target_hook_name == b and tc.cfg.hook_layer == 1
     # the transcoder predicts the MLP's output from its input better than predicting the mean
-    fvu = float((tc.reconstruct(torch.as_tensor(xs)) - torch.as_tensor(ys)).pow(2).sum()
+    fvu = float((tc.reconstruct(torch.as_tensor(xs)).detach() - torch.as_tensor(ys)).pow(2).sum()
                 / (torch.as_tensor(ys) - torch.as_tensor(ys).mean(0)).pow(2).sum())
     assert fvu < 0.9
 
