@@ -203,18 +203,22 @@ def refusal_sets(seed: int = 0) -> dict[str, dict[str, list[str]]]:
     return out
 
 
+def _topics(sides: tuple[int, ...]) -> dict[str, str]:
+    """Every phrasing of the harmful targets (side 0) and / or their twins (side 1) -> its topic."""
+    return {frame.format(x=pair[i]): topic for topic, pairs in PAIRS.items() for pair in pairs for i in sides
+            for frame in FRAMES}
+
+
 def harmful_categories(prompts: list[str]) -> list[str]:
     """The topic of each harmful prompt of :func:`refusal_sets` ("" for prompts it did not write)."""
-    lookup = {frame.format(x=h): topic for topic, pairs in PAIRS.items() for h, _ in pairs for frame in FRAMES}
+    lookup = _topics((0,))
     return [lookup.get(p, "") for p in prompts]
 
 
 def prompt_categories(prompts: list[str]) -> list[str]:
     """The topic of each harmful prompt or twin, the category of each borderline prompt, of
     :func:`refusal_sets` ("" for a prompt it did not write)."""
-    lookup = {frame.format(x=x): topic for topic, pairs in PAIRS.items() for pair in pairs for x in pair
-              for frame in FRAMES}
-    lookup.update({q: cat for cat, qs in BORDERLINE.items() for q in qs})
+    lookup = _topics((0, 1)) | {q: cat for cat, qs in BORDERLINE.items() for q in qs}
     return [lookup.get(p, "") for p in prompts]
 
 

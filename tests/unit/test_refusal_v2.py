@@ -141,9 +141,8 @@ def test_behaviour_per_category_refusal(monkeypatch: pytest.MonkeyPatch) -> None
 
     sets, sp = refusal_sets(0), topic_splits(0)
     refused = {sp["topics"]["test"][0], sp["borderline"]["test"][1]}
-    cat_of = dict(zip(sets["twins"]["test"] + sets["borderline"]["test"] + sets["harmful"]["test"],
-                      prompt_categories(sets["twins"]["test"] + sets["borderline"]["test"]
-                                                     + sets["harmful"]["test"])))
+    everything = sets["twins"]["test"] + sets["borderline"]["test"] + sets["harmful"]["test"]
+    cat_of = dict(zip(everything, prompt_categories(everything)))
 
     def fake_generate(lm: object, prompts: list[str], *a: object, **k: object) -> list[str]:
         return ["I'm sorry, but I can't help with that." if cat_of[p] in refused else
